@@ -1,0 +1,124 @@
+"""The one place that applies ray.remote/.options and wires a node's actors and Serve app together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import serve
+
+from actors.inference_worker import InferenceWorker
+from actors.ledger import Ledger
+from actors.resolver import Resolver
+from mycellm.config import ModelSettings, NodeSettings
+from mycellm.engines.base import ModelInfo
+from mycellm.identity import NodeIdentity
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "mycellm"
+
+
+def init_ray(settings: NodeSettings) -> None:
+    """Join the cluster at ``ray_address`` (or RAY_ADDRESS), or start a local one bound to loopback."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray lowers worker priority by default; inference workers must not lose the CPU to the proxy.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    options: dict[str, Any] = {
+        "namespace": settings.ray_namespace,
+        "logging_level": settings.log_level,
+        "log_to_driver": settings.log_level == "DEBUG",
+    }
+    if address:
+        ray.init(address=address, **options)
+        return
+    ray.init(
+        include_dashboard=settings.ray_dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=settings.ray_dashboard_port,
+        _temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None,
+        **options,
+    )
+
+
+@dataclass
+class Node:
+    """Handles to a running node's actors."""
+
+    ledger: Any
+    resolver: Any
+    workers: dict[str, Any] = field(default_factory=dict)
+    models: list[ModelInfo] = field(default_factory=list)
+
+    def shutdown(self, timeout_s: float = 20.0) -> None:
+        try:
+            serve.delete(APP_NAME)
+        except Exception as error:  # shutting down: report and go on with the rest
+            logger.warning("could not delete the Serve app: %s", error)
+        stops = [worker.stop.remote() for worker in self.workers.values()] + [self.ledger.stop.remote()]
+        ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "model"
+
+
+def _worker_placements(entry: ModelSettings, gpus: int, local_models: int) -> list[dict[str, float]]:
+    """One worker per GPU for local engines (one CPU worker without GPUs); one for upstreams."""
+    if entry.backend == "openai":
+        return [{"num_cpus": 0}]
+    if gpus == 0:
+        if entry.backend == "vllm":
+            raise ValueError("the vllm backend needs a GPU and this cluster has none")
+        return [{"num_cpus": 1}]
+    return [{"num_cpus": 0, "num_gpus": 1.0 / local_models} for _ in range(gpus)]
+
+
+def build_node(settings: NodeSettings, identity: NodeIdentity) -> Node:
+    """Start the Ledger, InferenceWorkers and Resolver, then the Serve ingress; block until ready."""
+    ledger = ray.remote(Ledger).options(name="ledger", num_cpus=0).remote(settings.resolved_database_url)
+    ray.get(ledger.start.remote())
+    resolver = ray.remote(Resolver).options(name="resolver", num_cpus=0).remote()
+    node = Node(ledger=ledger, resolver=resolver)
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    entries = settings.model_entries
+    local_models = sum(1 for entry in entries if entry.backend != "openai") or 1
+    pending = []
+    for entry in entries:
+        for placement in _worker_placements(entry, gpus, local_models):
+            name = f"worker-{len(node.workers)}-{_slug(entry.name or entry.path)}"
+            worker = (
+                ray.remote(InferenceWorker)
+                .options(name=name, max_concurrency=1000, **placement)
+                .remote(name, entry, settings.stream_idle_timeout_s, settings.stream_interval_s)
+            )
+            node.workers[name] = worker
+            pending.append((name, worker.start.remote()))
+    for name, started in pending:
+        models = ray.get(started)
+        node.models.extend(models)
+        ray.get(resolver.register_worker.remote(name, models))
+
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    from serve_app import NodeIngress
+
+    node_info = {
+        "peer_id": identity.peer_id,
+        "account_id": identity.account_id,
+        "node_name": settings.node_name,
+        "namespace": settings.ray_namespace,
+        "request_timeout_s": settings.request_timeout_s,
+    }
+    serve.run(
+        NodeIngress.bind(node_info, resolver, ledger, node.workers),
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
+    )
+    return node

@@ -1,0 +1,45 @@
+"""Run a node in the foreground: Ray up, actors and Serve up, wait for a signal, tear down cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import ray
+
+from actors.builders import build_node, init_ray
+from mycellm.config import NodeSettings
+from mycellm.identity import load_or_create_identity
+
+logger = logging.getLogger("mycellm")
+
+
+def run_node(settings: NodeSettings) -> int:
+    data_dir = settings.resolved_data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = load_or_create_identity(data_dir, node_name=settings.node_name)
+    stop = threading.Event()
+    init_ray(settings)
+    # After ray.init: Ray installs its own SIGTERM handler in the driver, which aborts the process.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        node = build_node(settings, identity)
+        names = ", ".join(model.name for model in node.models)
+        print(
+            f"mycellm node {identity.peer_id[:16]} serving http://{settings.host}:{settings.port}/v1 "
+            f"(models: {names}; data: {data_dir})",
+            flush=True,
+        )
+        stop.wait()
+        print("mycellm: shutting down", flush=True)
+        node.shutdown()
+    finally:
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0

@@ -1,0 +1,5 @@
+"""``python -m mycellm`` runs the command line."""
+
+from mycellm.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""The ``mycellm`` command line: serve a node, chat with one, inspect models, status and identity."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mycellm.config import NodeSettings, load_settings
+from mycellm.errors import ConfigError, EngineError, IdentityError, MycellmError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="mycellm: peer-to-peer LLM inference.")
+account_app = typer.Typer(no_args_is_help=True, help="Account and device identity.")
+app.add_typer(account_app, name="account")
+console = Console()
+errors = Console(stderr=True)
+
+DEFAULT_URL = "http://127.0.0.1:8420/v1"
+UrlOption = Annotated[str, typer.Option("--url", envvar="MYCELLM_URL", help="Node API root (…/v1).")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config file.")]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Node data directory.")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    errors.print(f"mycellm: {message}", markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None, **overrides: Any) -> NodeSettings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as error:
+        raise _fail(f"config error: {error.message}", 2) from error
+
+
+def _check_models(settings: NodeSettings) -> None:
+    """Catch a missing model file before Ray starts, as a config error naming the field."""
+    from mycellm.engines.llama_cpp import resolve_model_path
+
+    for index, entry in enumerate(settings.model_entries):
+        if entry.backend == "llama_cpp":
+            try:
+                resolve_model_path(entry.path)
+            except EngineError as error:
+                field = "model" if settings.model is not None and index == 0 else f"models.{index}.path"
+                raise _fail(f"config error: {field}: {error.message}", 2) from error
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option("--host", help="HTTP bind address.")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port (OpenAI API).")] = None,
+    data_dir: DataDirOption = None,
+    model: Annotated[str | None, typer.Option("--model", help="GGUF path, or 'smollm2' for the bundled model.")] = None,
+) -> None:
+    """Run a node in the foreground until SIGINT/SIGTERM."""
+    settings = _settings(config, host=host, port=port, data_dir=data_dir, model=model)
+    _check_models(settings)
+    # The Ray side lives in actors/; it is imported only by the command that runs a node.
+    node_module = importlib.import_module("actors.node")
+    try:
+        code = node_module.run_node(settings)
+    except IdentityError as error:
+        raise _fail(f"identity error: {error.message}", 1) from error
+    except MycellmError as error:
+        raise _fail(error.message, 1) from error
+    raise typer.Exit(code)
+
+
+@account_app.command("show")
+def account_show(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Print this node's peer id, account id and certificate (creating the identity if needed)."""
+    from mycellm.identity import load_or_create_identity
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        identity = load_or_create_identity(settings.resolved_data_dir, node_name=settings.node_name)
+    except IdentityError as error:
+        raise _fail(f"identity error: {error.message}", 1) from error
+    certificate = identity.certificate
+    console.print(f"peer id:    {identity.peer_id}", highlight=False)
+    console.print(f"account id: {identity.account_id}", highlight=False)
+    console.print(f"device:     {certificate.name} ({certificate.role})", highlight=False)
+    console.print(f"expires:    {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(certificate.expires_at))}", highlight=False)
+
+
+def _get(url: str, path: str) -> Any:
+    try:
+        response = httpx.get(url.rstrip("/") + path, timeout=10.0)
+    except httpx.HTTPError as error:
+        raise _fail(f"cannot reach {url}: {error}", 1) from error
+    if response.status_code >= 400:
+        raise _fail(f"{url}{path} answered {response.status_code}: {response.text[:200]}", 1)
+    return response.json()
+
+
+def _node_root(url: str) -> str:
+    return url.rstrip("/").removesuffix("/v1")
+
+
+@app.command()
+def models(url: UrlOption = DEFAULT_URL, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the models a node serves and where."""
+    data = _get(url, "/models")["data"]
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    table = Table("model", "backend", "context", "tier", "routes")
+    for card in data:
+        extra = card.get("mycellm", {})
+        routes = ", ".join(f"{route['kind']}:{route['target']}" for route in extra.get("routes", []))
+        table.add_row(card["id"], str(extra.get("backend")), str(extra.get("context_tokens")), str(extra.get("tier")), routes)
+    console.print(table)
+
+
+@app.command()
+def status(url: UrlOption = DEFAULT_URL, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show how a node is doing: identity, uptime, workers, requests served."""
+    data = _get(_node_root(url), "/v1/node/status")
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    totals = data["requests"]
+    console.print(f"node {data['node_name']}  peer {data['peer_id'][:16]}  version {data['version']}  up {data['uptime_s']:.0f} s")
+    console.print(
+        f"requests {totals['requests']} (failed {totals['failures']}), tokens in {totals['prompt_tokens']}, "
+        f"out {totals['completion_tokens']}"
+    )
+    table = Table("worker", "backend", "ready", "active", "served", "models")
+    for worker in data["workers"]:
+        names = ", ".join(model["name"] for model in worker.get("models", []))
+        table.add_row(
+            worker["name"], str(worker.get("backend")), str(worker.get("ready")),
+            str(worker.get("active_requests", "-")), str(worker.get("served_requests", "-")), names,
+        )
+    console.print(table)
+
+
+@app.command()
+def chat(
+    url: UrlOption = DEFAULT_URL,
+    model: Annotated[str, typer.Option("--model", help="Model id, or 'auto'.")] = "auto",
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.7,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 512,
+) -> None:
+    """A streaming chat REPL against a node. Commands: /reset, /model NAME, /system TEXT, /exit."""
+    from mycellm.chat import ChatSession
+
+    session = ChatSession(url=url, model=model, system=system, temperature=temperature, max_tokens=max_tokens)
+    interactive = sys.stdin.isatty()
+    console.print(f"[bold]mycellm chat[/bold] → {url} (model {model}); /exit to leave")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not session.handle(line, console):
+            break
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    app()

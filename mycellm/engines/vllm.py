@@ -1,0 +1,269 @@
+"""vLLM engine: a Hugging Face model (id or local path) served on the local GPU by vLLM's async engine."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from mycellm.config import ModelSettings
+from mycellm.engines.base import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    Usage,
+)
+from mycellm.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    MycellmError,
+    UnsupportedParameterError,
+)
+
+logger = logging.getLogger(__name__)
+
+# Turns a JSON constraint ({"json_object": True} or {"json": schema}) into SamplingParams keywords.
+StructuredOutput = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def model_name_for(settings: ModelSettings) -> str:
+    """The configured name, else the directory name of a local model, else the Hugging Face id."""
+    if settings.name:
+        return settings.name
+    local = Path(settings.path).expanduser()
+    return local.name if local.exists() else settings.path
+
+
+class VllmEngine:
+    backend = "vllm"
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self._settings = settings
+        self._name = model_name_for(settings)
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._sampling_params: Any = None  # vllm.SamplingParams, known once vLLM is imported
+        self._structured_output: StructuredOutput | None = None
+
+    async def start(self) -> None:
+        try:
+            import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
+        except ImportError as error:
+            if importlib.util.find_spec("vllm") is None:
+                raise EngineError(
+                    "the vllm backend needs vLLM, which is not installed: pip install 'mycellm[vllm]'"
+                ) from error
+            raise EngineError(f"vLLM is installed but cannot be imported: {error}") from error
+        self._sampling_params = vllm.SamplingParams
+        self._structured_output = _structured_output_for_installed_vllm()
+        arguments = AsyncEngineArgs(
+            model=self._settings.path,
+            max_model_len=self._settings.context_tokens,
+            gpu_memory_utilization=self._settings.gpu_memory_utilization,
+        )
+        try:
+            # Built on the event loop thread, as vLLM's own server does: the engine binds its output
+            # task and sockets to the running loop. Loading blocks until the weights are on the GPU.
+            self._engine = vllm.AsyncLLMEngine.from_engine_args(arguments)
+            tokenizer = self._engine.get_tokenizer()  # a coroutine before vLLM 0.12, a value after
+            self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        except Exception as error:  # vLLM fails to load with many types (OSError, ValueError, RuntimeError)
+            await self.close()
+            raise EngineError(f"vLLM could not load {self._settings.path}: {error}") from error
+        logger.info("vLLM loaded %s (context %d)", self._name, self.context_tokens)
+
+    @property
+    def context_tokens(self) -> int:
+        # vLLM refuses to start when the model's window is shorter than max_model_len, so the
+        # configured value is the window in use.
+        return self._settings.context_tokens
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        # vLLM 1.x names it shutdown(); the 0.x engine shutdown_background_loop(). Both return at once
+        # and must run on the loop that owns the engine's tasks.
+        for method in ("shutdown", "shutdown_background_loop"):
+            if callable(getattr(engine, method, None)):
+                getattr(engine, method)()
+                break
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=self._name,
+                backend=self.backend,
+                context_tokens=self.context_tokens,
+                supports_embeddings=False,
+                # Tools reach the chat template, but calls come back as text: no per-model parser.
+                supports_tools=False,
+                tier=self._settings.tier,
+                tags=self._settings.tags,
+            )
+        ]
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._engine is None or self._tokenizer is None:
+            raise EngineError(f"model {self._name} is not loaded")
+        engine = self._engine
+        tokens, param = await asyncio.to_thread(self._tokenize, request)
+        limit = self.context_tokens
+        if len(tokens) >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens, "
+                f"but the {param} has {len(tokens)} tokens.",
+                param=param,
+            )
+        sampling = self._sampling(request, room=limit - len(tokens))
+        # A caller may reuse a request id (a retry); vLLM needs it unique among running requests.
+        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        outputs = engine.generate({"prompt_token_ids": tokens}, sampling, request_id)
+        finished = False
+        sent = ""
+        try:
+            if request.echo and request.prompt is not None:
+                yield GenerationChunk(text=request.prompt)
+            async for output in outputs:
+                completion = output.outputs[0]
+                # vLLM's outputs are cumulative; stop strings are held back until they cannot match,
+                # so the text only grows.
+                text = completion.text
+                if len(text) > len(sent) and text.startswith(sent):
+                    delta, sent = text[len(sent) :], text
+                    yield GenerationChunk(text=delta)
+                if output.finished:
+                    finished = True
+                    if completion.finish_reason == "abort":
+                        raise EngineError(f"vLLM aborted the generation of {self._name}")
+                    prompt_tokens = len(output.prompt_token_ids or tokens)
+                    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(completion.token_ids))
+                    finish: FinishReason = "length" if completion.finish_reason == "length" else "stop"
+                    yield GenerationChunk(finish_reason=finish, usage=usage)
+                    return
+            raise EngineError(f"vLLM ended the generation of {self._name} without finishing it")
+        except MycellmError:
+            raise
+        except Exception as error:  # vLLM's types differ by version; translate them here, at the edge
+            if _is_client_error(error):
+                raise InvalidRequestError(f"vLLM rejected the request: {error}") from error
+            raise EngineError(f"vLLM generation failed: {error}") from error
+        finally:
+            if not finished:
+                await self._abort(outputs, request_id)
+
+    async def _abort(self, outputs: Any, request_id: str) -> None:
+        """Free the request's GPU slot when the caller stopped reading before the end."""
+        try:
+            # Closing vLLM's stream aborts in vLLM 1.x; the 0.x engine needs the explicit call,
+            # which is harmless for a request that is already gone.
+            await outputs.aclose()
+            if self._engine is not None:
+                await self._engine.abort(request_id)
+        except Exception as error:  # cleanup must not hide the reason the stream ended
+            logger.warning("could not abort vLLM request %s: %s", request_id, error)
+
+    def _tokenize(self, request: GenerationRequest) -> tuple[list[int], str]:
+        tokenizer = self._tokenizer
+        if request.messages is None:
+            return list(tokenizer.encode(request.prompt or "")), "prompt"
+        if isinstance(request.tool_choice, dict) or request.tool_choice == "required":
+            raise UnsupportedParameterError(
+                "the vLLM engine cannot force a tool call; use tool_choice 'auto'", param="tool_choice"
+            )
+        options = {"tools": list(request.tools)} if request.tools and request.tool_choice != "none" else {}
+        try:
+            text = tokenizer.apply_chat_template(
+                list(request.messages), tokenize=False, add_generation_prompt=True, **options
+            )
+        except Exception as error:  # the template is model-supplied Jinja; any failure is the input's
+            raise InvalidRequestError(
+                f"messages cannot be rendered by the chat template of {self._name}: {error}", param="messages"
+            ) from error
+        # The rendered template already holds the special tokens (BOS and the like).
+        return list(tokenizer.encode(text, add_special_tokens=False)), "messages"
+
+    def _sampling(self, request: GenerationRequest, room: int) -> Any:
+        options: dict[str, Any] = {
+            # vLLM's default is 16 tokens; OpenAI's is "until the context is full".
+            "max_tokens": min(request.max_tokens or room, room),
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": request.seed,
+            "stop": list(request.stop) or None,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+        }
+        constraint = json_constraint(request.response_format)
+        if constraint is not None:
+            if self._structured_output is None:
+                raise UnsupportedParameterError(
+                    "response_format needs structured output, which this vLLM lacks (0.6.3 or later has it)",
+                    param="response_format",
+                )
+            options |= self._structured_output(constraint)
+        try:
+            return self._sampling_params(**options)
+        except ValueError as error:
+            raise InvalidRequestError(f"vLLM rejected the sampling parameters: {error}") from error
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        raise UnsupportedParameterError(
+            f"model {self._name} is served by vLLM for generation only; this node does not serve "
+            "embeddings with vLLM (use a llama.cpp or OpenAI-upstream model for embeddings)",
+            param="model",
+        )
+
+
+def json_constraint(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The structured-output constraint a response_format asks for, or None for free text."""
+    if not response_format or response_format.get("type") in (None, "text"):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(
+                "response_format.json_schema.schema must be an object", param="response_format"
+            )
+        return {"json": schema}
+    raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format.type")
+
+
+def _is_client_error(error: Exception) -> bool:
+    """Whether vLLM blames the request: ValueError up to 0.11, VLLMClientError in later versions."""
+    return isinstance(error, ValueError) or any(
+        cls.__name__ == "VLLMClientError" for cls in type(error).__mro__
+    )
+
+
+def _structured_output_for_installed_vllm() -> StructuredOutput | None:
+    """How this vLLM takes a JSON constraint: structured_outputs (0.10.2+), guided_decoding
+    (0.6.3 to 0.11; removed in 0.12), or not at all (older)."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        pass
+    else:
+        return lambda constraint: {"structured_outputs": StructuredOutputsParams(**constraint)}
+    try:
+        from vllm.sampling_params import GuidedDecodingParams
+    except ImportError:
+        return None
+    return lambda constraint: {"guided_decoding": GuidedDecodingParams(**constraint)}

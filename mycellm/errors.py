@@ -1,0 +1,118 @@
+"""The one exception tree of mycellm and its mapping to OpenAI-style HTTP errors.
+
+MycellmError
+├── ConfigError                 bad configuration (CLI exits 2)
+├── IdentityError               unreadable, tampered or mismatched key/certificate files
+├── InvalidRequestError         400: a request the OpenAI API would reject (names the field)
+│   ├── ContextLengthError      400: prompt does not fit the model's context window
+│   └── UnsupportedParameterError 400: a parameter this node/engine does not implement
+├── ModelNotFoundError          404: no route serves the model
+├── RoutingConstraintError      422: routing options that no route can satisfy
+├── EngineError                 503: an engine failed or is not ready
+│   └── UpstreamError           503: an OpenAI-compatible upstream failed
+├── NoRouteError                503: the model is known but no route is healthy now
+└── RequestCancelledError       the client went away; never sent to a client
+
+Every error carries the HTTP status, the OpenAI error ``type`` and ``code`` and, where a single
+field is at fault, ``param``. Errors cross Ray actor boundaries, so they pickle by their
+constructor arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MycellmError(Exception):
+    """Root of every error raised by mycellm."""
+
+    status: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments do not survive the default exception pickling.
+        return (_rebuild_error, (type(self), self.message, self.param, self.code))
+
+    def to_openai(self) -> dict[str, Any]:
+        """The body of an OpenAI-style error response."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _rebuild_error(cls: type[MycellmError], message: str, param: str | None, code: str | None) -> MycellmError:
+    error = cls.__new__(cls)
+    MycellmError.__init__(error, message, param=param, code=code)
+    return error
+
+
+class ConfigError(MycellmError):
+    """Configuration that cannot be used; ``param`` names the field."""
+
+    error_type = "config_error"
+
+
+class IdentityError(MycellmError):
+    """Key or certificate files that are missing, unreadable or do not verify."""
+
+    error_type = "identity_error"
+
+
+class InvalidRequestError(MycellmError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    code = "unsupported_parameter"
+
+
+class ModelNotFoundError(MycellmError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RoutingConstraintError(MycellmError):
+    status = 422
+    error_type = "invalid_request_error"
+    code = "routing_constraint"
+
+
+class EngineError(MycellmError):
+    status = 503
+    error_type = "server_error"
+    code = "engine_unavailable"
+
+
+class UpstreamError(EngineError):
+    code = "upstream_error"
+
+
+class NoRouteError(MycellmError):
+    status = 503
+    error_type = "server_error"
+    code = "no_route"
+
+
+class RequestCancelledError(MycellmError):
+    status = 499
+    error_type = "cancelled"
+    code = "cancelled"

@@ -1,0 +1,100 @@
+"""Async repository over the node store: open (and migrate) the database, write and read records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from mycellm.errors import MycellmError
+from mycellm.ledger.records import RequestTotals, ServedRequestRecord
+from mycellm.ledger.tables import ServedRequestRow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class StoreError(MycellmError):
+    """The database refused an operation or could not be reached."""
+
+    status = 503
+    error_type = "server_error"
+    code = "store_unavailable"
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    config = _alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+class Store:
+    """One database (SQLite via aiosqlite or PostgreSQL via asyncpg, chosen by URL)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, url: str) -> Store:
+        """Connect and bring the schema to the newest migration."""
+        if url.startswith("sqlite"):
+            database = url.split("///", 1)[-1]
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            engine = create_async_engine(url)
+            async with engine.begin() as connection:
+                await connection.run_sync(_upgrade)
+        except (SQLAlchemyError, OSError) as error:
+            raise StoreError(f"cannot open the database: {error}") from error
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def record_request(self, record: ServedRequestRecord) -> bool:
+        """Store a served request; False if that request id is already recorded (idempotent)."""
+        try:
+            async with self._sessions.begin() as session:
+                session.add(ServedRequestRow(**record.model_dump()))
+        except IntegrityError:
+            return False
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot record request {record.request_id}: {error}") from error
+        return True
+
+    async def recent_requests(self, limit: int = 50) -> list[ServedRequestRecord]:
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(ServedRequestRow).order_by(ServedRequestRow.created_at.desc()).limit(limit)
+            )
+            return [
+                ServedRequestRecord.model_validate(
+                    {column: getattr(row, column) for column in ServedRequestRecord.model_fields}
+                )
+                for row in rows
+            ]
+
+    async def totals(self) -> RequestTotals:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(
+                        func.count(),
+                        func.coalesce(func.sum(ServedRequestRow.prompt_tokens), 0),
+                        func.coalesce(func.sum(ServedRequestRow.completion_tokens), 0),
+                        func.count().filter(ServedRequestRow.outcome != "ok"),
+                    )
+                )
+            ).one()
+        return RequestTotals(requests=row[0], prompt_tokens=row[1], completion_tokens=row[2], failures=row[3])

@@ -1,0 +1,398 @@
+"""Ray Serve ingress of a node: the OpenAI API, the node API, /health and /metrics on :8420."""
+
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from actors.errors import unwrap_ray_error
+from mycellm import __version__
+from mycellm.engines.base import EmbeddingRequest, GenerationChunk, GenerationRequest
+from mycellm.errors import (
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    MycellmError,
+    NoRouteError,
+    RequestCancelledError,
+)
+from mycellm.ledger.records import ServedRequestRecord
+from mycellm.metrics import NodeMetrics
+from mycellm.openai_api import (
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingBody,
+    chat_chunk_json,
+    chat_completion_json,
+    completion_chunk_json,
+    completion_json,
+    embeddings_json,
+    error_json,
+    parse_body,
+    usage_chunk_json,
+)
+from mycellm.routing import Route
+
+logger = logging.getLogger("mycellm.serve")
+
+app = FastAPI(title="mycellm", version=__version__, docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(MycellmError)
+async def _mycellm_error(request: Request, error: MycellmError) -> JSONResponse:
+    return JSONResponse(error.to_openai(), status_code=error.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    field = str(first["loc"][-1]) if first.get("loc") else None
+    return JSONResponse(error_json(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_json(str(error.detail), kind), status_code=error.status_code)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Served:
+    """What one request did, for the ledger and the metrics."""
+
+    def __init__(self, request_id: str, endpoint: str, model: str) -> None:
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.model = model
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.route: Route | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.outcome = "ok"
+        self.error_code: str | None = None
+
+    def mark_first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def fail(self, error: BaseException) -> None:
+        if isinstance(error, RequestCancelledError | asyncio.CancelledError | GeneratorExit):
+            self.outcome = "cancelled"
+        elif isinstance(error, MycellmError) and error.status < 500:
+            self.outcome, self.error_code = "client_error", error.code or error.error_type
+        else:
+            self.outcome = "engine_error"
+            self.error_code = error.code if isinstance(error, MycellmError) else type(error).__name__
+
+
+@serve.deployment(name="NodeIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(app)
+class NodeIngress:
+    def __init__(self, node: dict[str, Any], resolver: Any, ledger: Any, workers: dict[str, Any]) -> None:
+        self._node = node
+        self._resolver = resolver
+        self._ledger = ledger
+        self._workers = workers
+        self._timeout_s = float(node.get("request_timeout_s", 600.0))
+        self._started = time.time()
+        self._metrics = NodeMetrics()
+
+    # -- OpenAI API ---------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse_body(await request.body(), ChatCompletionBody)
+        return await self._generate(body, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        body = parse_body(await request.body(), CompletionBody)
+        return await self._generate(body, "completion")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        body = parse_body(await request.body(), EmbeddingBody)
+        inputs = body.inputs()
+        served = _Served(f"embd-{uuid.uuid4().hex}", "embedding", body.model)
+        self._metrics.in_flight.inc()
+        try:
+            routes = await self._routes(body.model, body.mycellm, "embeddings")
+            route = routes[0]
+            served.route, served.model = route, route.model.name
+            embed_request = EmbeddingRequest(request_id=served.request_id, model=route.model.name, inputs=inputs)
+            result = await self._call(self._worker(route).embed.remote(embed_request))
+            served.prompt_tokens = result.prompt_tokens
+            served.mark_first_token()
+            return JSONResponse(embeddings_json(route.model.name, result, body.encoding_format))
+        except BaseException as error:
+            served.fail(error)
+            raise
+        finally:
+            self._finish(served)
+
+    @app.get("/v1/models")
+    async def list_models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": await self._model_cards()})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> JSONResponse:
+        for card in await self._model_cards():
+            if card["id"] == model_id:
+                return JSONResponse(card)
+        raise ModelNotFoundError(f"The model '{model_id}' does not exist", param="model")
+
+    # -- node API -------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        workers = await self._describe_workers()
+        ready = bool(workers) and all(worker.get("ready") for worker in workers)
+        return JSONResponse({"status": "ok" if ready else "degraded", "workers": len(workers)}, status_code=200 if ready else 503)
+
+    @app.get("/v1/node/status")
+    async def node_status(self) -> JSONResponse:
+        workers = await self._describe_workers()
+        totals = await self._call(self._ledger.totals.remote())
+        return JSONResponse(
+            {
+                "peer_id": self._node["peer_id"],
+                "account_id": self._node["account_id"],
+                "node_name": self._node["node_name"],
+                "version": __version__,
+                "uptime_s": round(time.time() - self._started, 3),
+                "models": await self._model_cards(),
+                "workers": workers,
+                "requests": totals.model_dump(),
+                "ray": {"namespace": self._node.get("namespace"), "resources": ray.cluster_resources()},
+            }
+        )
+
+    @app.get("/v1/node/requests")
+    async def node_requests(self, limit: int = 50) -> JSONResponse:
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError("limit must be between 1 and 1000", param="limit")
+        records = await self._call(self._ledger.recent_requests.remote(limit))
+        return JSONResponse({"object": "list", "data": [record.model_dump(mode="json") for record in records]})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(self._metrics.render(), media_type=self._metrics.content_type)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _call(self, reference: Any) -> Any:
+        """Await a Ray call with the node's timeout, translating Ray's errors into ours."""
+        try:
+            return await asyncio.wait_for(reference, timeout=self._timeout_s)
+        except TimeoutError as error:
+            raise EngineError(f"no answer within {self._timeout_s:.0f} s") from error
+        except ray.exceptions.RayError as error:
+            raise unwrap_ray_error(error) from error
+
+    async def _routes(self, model: str, options: Any, capability: str) -> list[Route]:
+        return await self._call(self._resolver.resolve.remote(model, options, capability))
+
+    def _worker(self, route: Route) -> Any:
+        worker = self._workers.get(route.target)
+        if worker is None:
+            raise NoRouteError(f"worker {route.target} is not known to this ingress")
+        return worker
+
+    async def _describe_workers(self) -> list[dict[str, Any]]:
+        async def describe(name: str, worker: Any) -> dict[str, Any]:
+            try:
+                return await asyncio.wait_for(worker.describe.remote(), timeout=5.0)
+            except (TimeoutError, ray.exceptions.RayError) as error:
+                return {"name": name, "ready": False, "error": type(error).__name__}
+
+        return list(await asyncio.gather(*(describe(name, worker) for name, worker in self._workers.items())))
+
+    async def _model_cards(self) -> list[dict[str, Any]]:
+        _, routes = await self._call(self._resolver.routes.remote())
+        cards: dict[str, dict[str, Any]] = {}
+        for route in routes:
+            card = cards.setdefault(
+                route.model.name,
+                {
+                    "id": route.model.name,
+                    "object": "model",
+                    "created": int(self._started),
+                    "owned_by": route.model.owned_by,
+                    "mycellm": {
+                        "backend": route.model.backend,
+                        "context_tokens": route.model.context_tokens,
+                        "tier": route.model.tier,
+                        "tags": list(route.model.tags),
+                        "supports_embeddings": route.model.supports_embeddings,
+                        "supports_tools": route.model.supports_tools,
+                        "routes": [],
+                    },
+                },
+            )
+            card["mycellm"]["routes"].append({"kind": route.kind, "target": route.target, "node": self._node["peer_id"]})
+        return list(cards.values())
+
+    async def _generate(self, body: ChatCompletionBody | CompletionBody, endpoint: str) -> Response:
+        prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+        served = _Served(f"{prefix}-{uuid.uuid4().hex}", endpoint, body.model)
+        self._metrics.in_flight.inc()
+        try:
+            body.check_supported()
+            routes = await self._routes(body.model, body.mycellm, "chat")
+            generation = body.to_request(served.request_id, routes[0].model.name)
+            if body.stream:
+                first, route = await self._open(generation, routes, served)
+                stream = self._stream(body, generation, route, first, served)
+                return StreamingResponse(stream, media_type="text/event-stream", headers=self._route_headers(route))
+            result, route = await self._complete(generation, routes, served)
+        except BaseException as error:
+            served.fail(error)
+            self._finish(served)
+            raise
+        served.prompt_tokens, served.completion_tokens = result.usage.prompt_tokens, result.usage.completion_tokens
+        self._finish(served)
+        extra = {"mycellm": self._route_info(route)}
+        payload = (chat_completion_json if endpoint == "chat" else completion_json)(
+            served.request_id, route.model.name, result, extra
+        )
+        return JSONResponse(payload, headers=self._route_headers(route))
+
+    def _route_info(self, route: Route) -> dict[str, Any]:
+        return {"route": route.kind, "target": route.target, "served_by": self._node["peer_id"]}
+
+    def _route_headers(self, route: Route) -> dict[str, str]:
+        return {"X-Mycellm-Routed-To": self._node["peer_id"], "X-Mycellm-Route": f"{route.kind}:{route.target}"}
+
+    async def _try_routes(self, routes: list[Route], served: _Served, call: Any) -> tuple[Any, Route]:
+        """Run ``call(worker, route)`` on the best route; on a route failure move to the next one."""
+        last_error: MycellmError | None = None
+        for route in routes:
+            served.route, served.model = route, route.model.name
+            worker = self._worker(route)
+            try:
+                return await call(worker, route), route
+            except EngineError as error:
+                logger.warning("route %s:%s failed before output: %s", route.kind, route.target, error.message)
+                last_error = error
+        raise last_error or NoRouteError("no route could serve the request")
+
+    async def _open(
+        self, generation: GenerationRequest, routes: list[Route], served: _Served
+    ) -> tuple[GenerationChunk, Route]:
+        async def open_on(worker: Any, route: Route) -> GenerationChunk:
+            request = generation.model_copy(update={"model": route.model.name})
+            try:
+                return await self._call(worker.open.remote(request, self._timeout_s))
+            except asyncio.CancelledError:
+                worker.cancel.remote(generation.request_id)
+                raise
+
+        first, route = await self._try_routes(routes, served, open_on)
+        served.mark_first_token()
+        return first, route
+
+    async def _complete(self, generation: GenerationRequest, routes: list[Route], served: _Served) -> Any:
+        async def complete_on(worker: Any, route: Route) -> Any:
+            request = generation.model_copy(update={"model": route.model.name})
+            try:
+                return await self._call(worker.complete.remote(request))
+            except asyncio.CancelledError:
+                worker.cancel.remote(generation.request_id)
+                raise
+
+        return await self._try_routes(routes, served, complete_on)
+
+    async def _stream(
+        self,
+        body: ChatCompletionBody | CompletionBody,
+        generation: GenerationRequest,
+        route: Route,
+        first: GenerationChunk,
+        served: _Served,
+    ) -> AsyncIterator[bytes]:
+        worker = self._worker(route)
+        model, request_id, created = route.model.name, generation.request_id, int(time.time())
+        chat = isinstance(body, ChatCompletionBody)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk: GenerationChunk | None = first
+        finished = False
+        try:
+            if chat:
+                yield _sse(chat_chunk_json(request_id, model, created, None, role=True) | {"mycellm": self._route_info(route)})
+            while True:
+                if chunk is not None:
+                    if chunk.text or chunk.tool_calls or chunk.finish_reason:
+                        payload = (
+                            chat_chunk_json(request_id, model, created, chunk)
+                            if chat
+                            else completion_chunk_json(request_id, model, created, chunk)
+                        )
+                        yield _sse(payload)
+                    if chunk.finish_reason is not None:
+                        finished = True
+                        if chunk.usage is not None:
+                            served.prompt_tokens = chunk.usage.prompt_tokens
+                            served.completion_tokens = chunk.usage.completion_tokens
+                            if include_usage:
+                                name = "chat.completion.chunk" if chat else "text_completion"
+                                yield _sse(usage_chunk_json(request_id, model, created, chunk.usage, name))
+                        break
+                chunk = await self._call(worker.pull.remote(request_id, 30.0))
+            yield b"data: [DONE]\n\n"
+        except MycellmError as error:
+            served.fail(error)
+            yield _sse(error.to_openai())
+            yield b"data: [DONE]\n\n"
+        except BaseException as error:  # the client went away (cancellation) or the stream broke
+            served.fail(error)
+            raise
+        finally:
+            if not finished:
+                worker.cancel.remote(request_id)
+            self._finish(served)
+
+    def _finish(self, served: _Served) -> None:
+        self._metrics.in_flight.dec()
+        now = time.perf_counter()
+        route = served.route
+        ttft_ms = None if served.first_token_at is None else (served.first_token_at - served.started) * 1000
+        labels = (served.endpoint, served.model, route.kind if route else "none", served.outcome)
+        self._metrics.requests.labels(*labels).inc()
+        self._metrics.request_duration.labels(served.endpoint, served.model).observe(now - served.started)
+        if ttft_ms is not None and served.endpoint != "embedding":
+            self._metrics.time_to_first_token.labels(served.model).observe(ttft_ms / 1000)
+        self._metrics.prompt_tokens.labels(served.model).inc(served.prompt_tokens)
+        self._metrics.completion_tokens.labels(served.model).inc(served.completion_tokens)
+        if route is None:
+            return  # rejected before routing: nothing was served
+        record = ServedRequestRecord(
+            request_id=served.request_id,
+            model=served.model,
+            endpoint=served.endpoint,  # type: ignore[arg-type]
+            route_kind=route.kind,
+            route_target=route.target,
+            prompt_tokens=served.prompt_tokens,
+            completion_tokens=served.completion_tokens,
+            time_to_first_token_ms=ttft_ms,
+            duration_ms=(now - served.started) * 1000,
+            outcome=served.outcome,  # type: ignore[arg-type]
+            error_code=served.error_code,
+            created_at=datetime.now(UTC),
+        )
+        self._ledger.record_request.remote(record)  # fire and forget: off the response path
