@@ -1,6 +1,5 @@
 """Ray Serve ingress of a node: the OpenAI API, the node API, /health and /metrics on :8420."""
 
-
 import asyncio
 import json
 import logging
@@ -59,7 +58,9 @@ async def _mycellm_error(request: Request, error: MycellmError) -> JSONResponse:
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     field = str(first["loc"][-1]) if first.get("loc") else None
-    return JSONResponse(error_json(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400)
+    return JSONResponse(
+        error_json(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400
+    )
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -135,7 +136,9 @@ class NodeIngress:
             routes = await self._routes(body.model, body.mycellm, "embeddings")
             route = routes[0]
             served.route, served.model = route, route.model.name
-            embed_request = EmbeddingRequest(request_id=served.request_id, model=route.model.name, inputs=inputs)
+            embed_request = EmbeddingRequest(
+                request_id=served.request_id, model=route.model.name, inputs=inputs
+            )
             result = await self._call(self._worker(route).embed.remote(embed_request))
             served.prompt_tokens = result.prompt_tokens
             served.mark_first_token()
@@ -163,7 +166,10 @@ class NodeIngress:
     async def health(self) -> JSONResponse:
         workers = await self._describe_workers()
         ready = bool(workers) and all(worker.get("ready") for worker in workers)
-        return JSONResponse({"status": "ok" if ready else "degraded", "workers": len(workers)}, status_code=200 if ready else 503)
+        return JSONResponse(
+            {"status": "ok" if ready else "degraded", "workers": len(workers)},
+            status_code=200 if ready else 503,
+        )
 
     @app.get("/v1/node/status")
     async def node_status(self) -> JSONResponse:
@@ -188,7 +194,9 @@ class NodeIngress:
         if not 1 <= limit <= 1000:
             raise InvalidRequestError("limit must be between 1 and 1000", param="limit")
         records = await self._call(self._ledger.recent_requests.remote(limit))
-        return JSONResponse({"object": "list", "data": [record.model_dump(mode="json") for record in records]})
+        return JSONResponse(
+            {"object": "list", "data": [record.model_dump(mode="json") for record in records]}
+        )
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -245,7 +253,9 @@ class NodeIngress:
                     },
                 },
             )
-            card["mycellm"]["routes"].append({"kind": route.kind, "target": route.target, "node": self._node["peer_id"]})
+            card["mycellm"]["routes"].append(
+                {"kind": route.kind, "target": route.target, "node": self._node["peer_id"]}
+            )
         return list(cards.values())
 
     async def _generate(self, body: ChatCompletionBody | CompletionBody, endpoint: str) -> Response:
@@ -259,13 +269,18 @@ class NodeIngress:
             if body.stream:
                 first, route = await self._open(generation, routes, served)
                 stream = self._stream(body, generation, route, first, served)
-                return StreamingResponse(stream, media_type="text/event-stream", headers=self._route_headers(route))
+                return StreamingResponse(
+                    stream, media_type="text/event-stream", headers=self._route_headers(route)
+                )
             result, route = await self._complete(generation, routes, served)
         except BaseException as error:
             served.fail(error)
             self._finish(served)
             raise
-        served.prompt_tokens, served.completion_tokens = result.usage.prompt_tokens, result.usage.completion_tokens
+        served.prompt_tokens, served.completion_tokens = (
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+        )
         self._finish(served)
         extra = {"mycellm": self._route_info(route)}
         payload = (chat_completion_json if endpoint == "chat" else completion_json)(
@@ -277,7 +292,10 @@ class NodeIngress:
         return {"route": route.kind, "target": route.target, "served_by": self._node["peer_id"]}
 
     def _route_headers(self, route: Route) -> dict[str, str]:
-        return {"X-Mycellm-Routed-To": self._node["peer_id"], "X-Mycellm-Route": f"{route.kind}:{route.target}"}
+        return {
+            "X-Mycellm-Routed-To": self._node["peer_id"],
+            "X-Mycellm-Route": f"{route.kind}:{route.target}",
+        }
 
     async def _try_routes(self, routes: list[Route], served: _Served, call: Any) -> tuple[Any, Route]:
         """Run ``call(worker, route)`` on the best route; on a route failure move to the next one."""
@@ -288,7 +306,9 @@ class NodeIngress:
             try:
                 return await call(worker, route), route
             except EngineError as error:
-                logger.warning("route %s:%s failed before output: %s", route.kind, route.target, error.message)
+                logger.warning(
+                    "route %s:%s failed before output: %s", route.kind, route.target, error.message
+                )
                 last_error = error
         raise last_error or NoRouteError("no route could serve the request")
 
@@ -334,7 +354,10 @@ class NodeIngress:
         finished = False
         try:
             if chat:
-                yield _sse(chat_chunk_json(request_id, model, created, None, role=True) | {"mycellm": self._route_info(route)})
+                yield _sse(
+                    chat_chunk_json(request_id, model, created, None, role=True)
+                    | {"mycellm": self._route_info(route)}
+                )
             while True:
                 if chunk is not None:
                     if chunk.text or chunk.tool_calls or chunk.finish_reason:

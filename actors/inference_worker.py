@@ -35,7 +35,11 @@ class InferenceWorker:
     """Readers pull coalesced chunks (``open`` then ``pull``) so tokens cross Ray in few objects."""
 
     def __init__(
-        self, name: str, settings: ModelSettings, idle_timeout_s: float = 60.0, stream_interval_s: float = 0.02
+        self,
+        name: str,
+        settings: ModelSettings,
+        idle_timeout_s: float = 60.0,
+        stream_interval_s: float = 0.02,
     ) -> None:
         self._name = name
         self._engine = build_engine(settings)
@@ -105,7 +109,10 @@ class InferenceWorker:
             tool_calls.extend(chunk.tool_calls)
             if chunk.finish_reason is not None and chunk.usage is not None:
                 return CompletionResult(
-                    text="".join(texts), tool_calls=tuple(tool_calls), finish_reason=chunk.finish_reason, usage=chunk.usage
+                    text="".join(texts),
+                    tool_calls=tuple(tool_calls),
+                    finish_reason=chunk.finish_reason,
+                    usage=chunk.usage,
                 )
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -138,7 +145,9 @@ class InferenceWorker:
             logger.exception("engine failed on %s", request.request_id)
             buffer.fail(EngineError(f"engine failure: {error}"))
 
-    async def _take(self, request_id: str, stream: _Stream, wait_s: float, first: bool = False) -> GenerationChunk | None:
+    async def _take(
+        self, request_id: str, stream: _Stream, wait_s: float, first: bool = False
+    ) -> GenerationChunk | None:
         stream.readers += 1
         try:
             chunk = await stream.buffer.take(wait_s)

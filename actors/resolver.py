@@ -15,7 +15,9 @@ class Resolver:
 
     async def register_worker(self, worker_name: str, models: list[ModelInfo]) -> None:
         for model in models:
-            self._routes[("local", worker_name, model.name)] = Route(kind="local", target=worker_name, model=model)
+            self._routes[("local", worker_name, model.name)] = Route(
+                kind="local", target=worker_name, model=model
+            )
         self._version += 1
 
     async def remove_target(self, kind: str, target: str) -> None:

@@ -9,7 +9,9 @@ from rich.console import Console
 
 
 class ChatSession:
-    def __init__(self, *, url: str, model: str, system: str | None, temperature: float, max_tokens: int) -> None:
+    def __init__(
+        self, *, url: str, model: str, system: str | None, temperature: float, max_tokens: int
+    ) -> None:
         self._client = openai.OpenAI(base_url=url, api_key="mycellm", max_retries=0)
         self.model = model
         self.system = system
@@ -56,9 +58,9 @@ class ChatSession:
         parts: list[str] = []
         usage = None
         try:
-            stream = self._client.chat.completions.create(
+            stream = self._client.chat.completions.create(  # type: ignore[call-overload]
                 model=self.model,
-                messages=messages,  # type: ignore[arg-type]
+                messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
                 temperature=self.temperature,

@@ -31,7 +31,8 @@ DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Node dat
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    errors.print(f"mycellm: {message}", markup=False, highlight=False)
+    # soft_wrap: one message is one line, whatever the width Rich guesses for a pipe.
+    errors.print(f"mycellm: {message}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -61,7 +62,9 @@ def serve(
     host: Annotated[str | None, typer.Option("--host", help="HTTP bind address.")] = None,
     port: Annotated[int | None, typer.Option("--port", help="HTTP port (OpenAI API).")] = None,
     data_dir: DataDirOption = None,
-    model: Annotated[str | None, typer.Option("--model", help="GGUF path, or 'smollm2' for the bundled model.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="GGUF path, or 'smollm2' for the bundled model.")
+    ] = None,
 ) -> None:
     """Run a node in the foreground until SIGINT/SIGTERM."""
     settings = _settings(config, host=host, port=port, data_dir=data_dir, model=model)
@@ -91,7 +94,10 @@ def account_show(config: ConfigOption = None, data_dir: DataDirOption = None) ->
     console.print(f"peer id:    {identity.peer_id}", highlight=False)
     console.print(f"account id: {identity.account_id}", highlight=False)
     console.print(f"device:     {certificate.name} ({certificate.role})", highlight=False)
-    console.print(f"expires:    {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(certificate.expires_at))}", highlight=False)
+    console.print(
+        f"expires:    {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(certificate.expires_at))}",
+        highlight=False,
+    )
 
 
 def _get(url: str, path: str) -> Any:
@@ -119,7 +125,13 @@ def models(url: UrlOption = DEFAULT_URL, as_json: Annotated[bool, typer.Option("
     for card in data:
         extra = card.get("mycellm", {})
         routes = ", ".join(f"{route['kind']}:{route['target']}" for route in extra.get("routes", []))
-        table.add_row(card["id"], str(extra.get("backend")), str(extra.get("context_tokens")), str(extra.get("tier")), routes)
+        table.add_row(
+            card["id"],
+            str(extra.get("backend")),
+            str(extra.get("context_tokens")),
+            str(extra.get("tier")),
+            routes,
+        )
     console.print(table)
 
 
@@ -131,7 +143,9 @@ def status(url: UrlOption = DEFAULT_URL, as_json: Annotated[bool, typer.Option("
         console.print_json(json.dumps(data))
         return
     totals = data["requests"]
-    console.print(f"node {data['node_name']}  peer {data['peer_id'][:16]}  version {data['version']}  up {data['uptime_s']:.0f} s")
+    console.print(
+        f"node {data['node_name']}  peer {data['peer_id'][:16]}  version {data['version']}  up {data['uptime_s']:.0f} s"
+    )
     console.print(
         f"requests {totals['requests']} (failed {totals['failures']}), tokens in {totals['prompt_tokens']}, "
         f"out {totals['completion_tokens']}"
@@ -140,8 +154,12 @@ def status(url: UrlOption = DEFAULT_URL, as_json: Annotated[bool, typer.Option("
     for worker in data["workers"]:
         names = ", ".join(model["name"] for model in worker.get("models", []))
         table.add_row(
-            worker["name"], str(worker.get("backend")), str(worker.get("ready")),
-            str(worker.get("active_requests", "-")), str(worker.get("served_requests", "-")), names,
+            worker["name"],
+            str(worker.get("backend")),
+            str(worker.get("ready")),
+            str(worker.get("active_requests", "-")),
+            str(worker.get("served_requests", "-")),
+            names,
         )
     console.print(table)
 

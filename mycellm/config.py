@@ -46,6 +46,8 @@ class ModelSettings(BaseModel):
     def _check_backend_fields(self) -> ModelSettings:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url")
+        if self.backend == "vllm" and self.path == BUNDLED_MODEL:
+            raise ValueError("backend 'vllm' needs path: a Hugging Face model id or a local model folder")
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
         return self
@@ -145,7 +147,12 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}", param="config") from error
+        where = getattr(error, "problem_mark", None)
+        position = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or "syntax error"
+        raise ConfigError(
+            f"config file {path} is not valid YAML{position}: {problem}", param="config"
+        ) from error
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -53,7 +53,9 @@ class MycellmError(Exception):
         }
 
 
-def _rebuild_error(cls: type[MycellmError], message: str, param: str | None, code: str | None) -> MycellmError:
+def _rebuild_error(
+    cls: type[MycellmError], message: str, param: str | None, code: str | None
+) -> MycellmError:
     error = cls.__new__(cls)
     MycellmError.__init__(error, message, param=param, code=code)
     return error

@@ -16,19 +16,34 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "mycellm_requests", "Requests answered", ["endpoint", "model", "route", "outcome"], registry=self.registry
+            "mycellm_requests",
+            "Requests answered",
+            ["endpoint", "model", "route", "outcome"],
+            registry=self.registry,
         )
-        self.prompt_tokens = Counter("mycellm_prompt_tokens", "Prompt tokens processed", ["model"], registry=self.registry)
+        self.prompt_tokens = Counter(
+            "mycellm_prompt_tokens", "Prompt tokens processed", ["model"], registry=self.registry
+        )
         self.completion_tokens = Counter(
             "mycellm_completion_tokens", "Completion tokens generated", ["model"], registry=self.registry
         )
         self.time_to_first_token = Histogram(
-            "mycellm_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry
+            "mycellm_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.request_duration = Histogram(
-            "mycellm_request_duration_seconds", "Whole request duration", ["endpoint", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry
+            "mycellm_request_duration_seconds",
+            "Whole request duration",
+            ["endpoint", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.in_flight = Gauge("mycellm_requests_in_flight", "Requests being answered", registry=self.registry)
+        self.in_flight = Gauge(
+            "mycellm_requests_in_flight", "Requests being answered", registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,7 +11,14 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mycellm.engines.base import CompletionResult, EmbeddingResult, GenerationChunk, GenerationRequest, ToolCall, Usage
+from mycellm.engines.base import (
+    CompletionResult,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    ToolCall,
+    Usage,
+)
 from mycellm.errors import InvalidRequestError, UnsupportedParameterError
 from mycellm.routing import RoutingOptions
 
@@ -139,7 +146,9 @@ class ChatCompletionBody(_SamplingBody):
             model=model,
             messages=tuple(message.plain() for message in self.messages),
             max_tokens=self.max_completion_tokens or self.max_tokens,
-            response_format=self.response_format.model_dump(exclude_none=True) if self.response_format else None,
+            response_format=self.response_format.model_dump(exclude_none=True)
+            if self.response_format
+            else None,
             tools=tuple(tool.model_dump(exclude_none=True) for tool in self.tools) if self.tools else None,
             tool_choice=self.tool_choice,
             **self.sampling(),
@@ -243,7 +252,12 @@ def usage_json(usage: Usage) -> dict[str, int]:
 
 def _tool_calls_json(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
     return [
-        {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        {
+            "index": index,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
         for index, call in enumerate(calls)
     ]
 
@@ -254,14 +268,17 @@ def chat_completion_json(
     message: dict[str, Any] = {"role": "assistant", "content": result.text if not result.tool_calls else None}
     if result.tool_calls:
         message["tool_calls"] = [
-            {key: value for key, value in call.items() if key != "index"} for call in _tool_calls_json(result.tool_calls)
+            {key: value for key, value in call.items() if key != "index"}
+            for call in _tool_calls_json(result.tool_calls)
         ]
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+        ],
         "usage": usage_json(result.usage),
         **extra,
     }
@@ -286,24 +303,35 @@ def chat_chunk_json(
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason if chunk else None, "logprobs": None}
+            {
+                "index": 0,
+                "delta": delta,
+                "finish_reason": chunk.finish_reason if chunk else None,
+                "logprobs": None,
+            }
         ],
     }
 
 
-def completion_json(request_id: str, model: str, result: CompletionResult, extra: dict[str, Any]) -> dict[str, Any]:
+def completion_json(
+    request_id: str, model: str, result: CompletionResult, extra: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+        ],
         "usage": usage_json(result.usage),
         **extra,
     }
 
 
-def completion_chunk_json(request_id: str, model: str, created: int, chunk: GenerationChunk) -> dict[str, Any]:
+def completion_chunk_json(
+    request_id: str, model: str, created: int, chunk: GenerationChunk
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",
@@ -313,8 +341,17 @@ def completion_chunk_json(request_id: str, model: str, created: int, chunk: Gene
     }
 
 
-def usage_chunk_json(request_id: str, model: str, created: int, usage: Usage, object_name: str) -> dict[str, Any]:
-    return {"id": request_id, "object": object_name, "created": created, "model": model, "choices": [], "usage": usage_json(usage)}
+def usage_chunk_json(
+    request_id: str, model: str, created: int, usage: Usage, object_name: str
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage_json(usage),
+    }
 
 
 def embeddings_json(model: str, result: EmbeddingResult, encoding_format: str) -> dict[str, Any]:
@@ -326,10 +363,15 @@ def embeddings_json(model: str, result: EmbeddingResult, encoding_format: str) -
     return {
         "object": "list",
         "model": model,
-        "data": [{"object": "embedding", "index": index, "embedding": encode(vector)} for index, vector in enumerate(result.vectors)],
+        "data": [
+            {"object": "embedding", "index": index, "embedding": encode(vector)}
+            for index, vector in enumerate(result.vectors)
+        ],
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
 
 
-def error_json(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_json(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

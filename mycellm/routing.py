@@ -70,15 +70,21 @@ def rank_routes(
     if model != AUTO_MODEL:
         capable = [route for route in capable if route.model.name == model]
         if not capable:
-            raise ModelNotFoundError(f"The model '{model}' does not exist or is not served by this network.", param="model")
+            raise ModelNotFoundError(
+                f"The model '{model}' does not exist or is not served by this network.", param="model"
+            )
     elif not capable:
-        raise ModelNotFoundError(f"No model that supports {capability} is served by this network.", param="model")
+        raise ModelNotFoundError(
+            f"No model that supports {capability} is served by this network.", param="model"
+        )
     eligible = capable
     if options.min_tier is not None:
         floor = TIER_SCORES[options.min_tier]
         eligible = [route for route in eligible if tier_score(route.model) >= floor]
         if not eligible:
-            raise RoutingConstraintError(f"no route serves {model!r} at tier {options.min_tier} or above", param="mycellm.min_tier")
+            raise RoutingConstraintError(
+                f"no route serves {model!r} at tier {options.min_tier} or above", param="mycellm.min_tier"
+            )
     if options.required_tags:
         wanted = set(options.required_tags)
         eligible = [route for route in eligible if wanted.issubset(route.model.tags)]

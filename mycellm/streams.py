@@ -25,6 +25,7 @@ class ChunkBuffer:
         self._error: MycellmError | None = None
         self._ready = asyncio.Event()
         self._delivered_final = False
+        self._raised_error = False
 
     def put(self, chunk: GenerationChunk) -> None:
         if chunk.text:
@@ -40,7 +41,9 @@ class ChunkBuffer:
 
     @property
     def finished(self) -> bool:
-        return self._delivered_final or (self._error is not None and not self._texts)
+        # After an error, finished only once the reader has been handed the error itself: text or
+        # tool calls delivered just before it do not end the stream, or the error would be lost.
+        return self._delivered_final or self._raised_error
 
     async def take(self, wait_s: float) -> GenerationChunk | None:
         """Everything produced since the last take; None if nothing came within ``wait_s``.
@@ -59,6 +62,7 @@ class ChunkBuffer:
         self._last_delivery = time.monotonic()
         self._ready.clear()
         if not self._texts and not self._tool_calls and self._final is None and self._error is not None:
+            self._raised_error = True
             raise self._error
         text = "".join(self._texts)
         self._texts.clear()
@@ -76,5 +80,3 @@ class ChunkBuffer:
 
     def _pending(self) -> bool:
         return bool(self._texts or self._tool_calls or self._final is not None or self._error is not None)
-
-

@@ -2,7 +2,8 @@
 
 Models named ``fail-<status>`` answer generations with that HTTP status; ``slow`` streams slowly and
 records a client disconnect; ``hang`` waits before answering; ``garbage`` streams malformed JSON;
-``no-usage`` streams without a usage chunk; ``no-stream`` ignores ``stream: true``.
+``no-usage`` streams without a usage chunk; ``no-stream`` ignores ``stream: true``; ``truncated``
+ends the stream after one chunk; ``mid-error`` sends an error event after one chunk.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ MODELS = (
     "slow",
     "hang",
     "garbage",
+    "truncated",
+    "mid-error",
     "no-usage",
     "no-stream",
     "fail-400",
@@ -199,6 +202,11 @@ class FakeUpstream:
                     await asyncio.sleep(5)
                 if model == "garbage":
                     yield "data: {not json\n\n"
+                    return
+                if model in ("truncated", "mid-error"):
+                    yield f"data: {json.dumps(events[0])}\n\n"
+                    if model == "mid-error":
+                        yield 'data: {"error": {"message": "the model is overloaded"}}\n\n'
                     return
                 # About 10 s of stream for "slow": far longer than any test waits for it.
                 repeats = 200 if model == "slow" else 1

@@ -40,7 +40,14 @@ def node_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 class NodeProcess:
     """One `mycellm serve` process on loopback, restartable on the same data directory and port."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.args = args or []
@@ -54,7 +61,17 @@ class NodeProcess:
 
     def start(self, timeout_s: float = 240.0) -> None:
         ray_temp = tempfile.mkdtemp(prefix="mcray", dir="/tmp")
-        command = [sys.executable, "-m", "mycellm", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port), *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "mycellm",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             command,

@@ -221,6 +221,18 @@ async def test_a_malformed_stream_is_an_upstream_error(engine: OpenAIUpstreamEng
         await collect(engine.generate(chat("garbage")))
 
 
+async def test_a_stream_cut_short_is_an_upstream_error(engine: OpenAIUpstreamEngine) -> None:
+    with pytest.raises(UpstreamError, match="before the generation finished"):
+        await collect(engine.generate(chat("truncated")))
+
+
+async def test_an_error_event_mid_stream_is_an_upstream_error(engine: OpenAIUpstreamEngine) -> None:
+    stream = engine.generate(chat("mid-error"))
+    assert (await anext(stream)).text == CHAT_PIECES[0]
+    with pytest.raises(UpstreamError, match="overloaded"):
+        await anext(stream)
+
+
 async def test_a_silent_upstream_times_out(upstream: FakeUpstream) -> None:
     engine = OpenAIUpstreamEngine(settings_for(upstream, timeout_s=0.5))
     await engine.start()

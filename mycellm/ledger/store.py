@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
@@ -37,6 +38,11 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+def _utc(moment: datetime) -> datetime:
+    # SQLite keeps no offset: store UTC so times sort correctly, and read them back as UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 class Store:
     """One database (SQLite via aiosqlite or PostgreSQL via asyncpg, chosen by URL)."""
 
@@ -66,7 +72,9 @@ class Store:
         """Store a served request; False if that request id is already recorded (idempotent)."""
         try:
             async with self._sessions.begin() as session:
-                session.add(ServedRequestRow(**record.model_dump()))
+                values = record.model_dump()
+                values["created_at"] = _utc(record.created_at)
+                session.add(ServedRequestRow(**values))
         except IntegrityError:
             return False
         except SQLAlchemyError as error:
@@ -81,6 +89,7 @@ class Store:
             return [
                 ServedRequestRecord.model_validate(
                     {column: getattr(row, column) for column in ServedRequestRecord.model_fields}
+                    | {"created_at": _utc(row.created_at)}
                 )
                 for row in rows
             ]
