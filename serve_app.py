@@ -42,9 +42,11 @@ from mycellm.openai_api import (
     parse_body,
     usage_chunk_json,
 )
-from mycellm.routing import Route
+from mycellm.routing import Route, rank_routes
 
 logger = logging.getLogger("mycellm.serve")
+
+ROUTE_CACHE_S = 1.0
 
 app = FastAPI(title="mycellm", version=__version__, docs_url=None, redoc_url=None)
 
@@ -113,6 +115,8 @@ class NodeIngress:
         self._timeout_s = float(node.get("request_timeout_s", 600.0))
         self._started = time.time()
         self._metrics = NodeMetrics()
+        self._route_table: list[Route] | None = None
+        self._route_table_at = 0.0
 
     # -- OpenAI API ---------------------------------------------------------------------------
 
@@ -214,7 +218,13 @@ class NodeIngress:
             raise unwrap_ray_error(error) from error
 
     async def _routes(self, model: str, options: Any, capability: str) -> list[Route]:
-        return await self._call(self._resolver.resolve.remote(model, options, capability))
+        # The Resolver owns the table; the ingress ranks on a copy refreshed at most every
+        # ROUTE_CACHE_S (and at once after a route fails), keeping an RPC off every request.
+        now = time.monotonic()
+        if self._route_table is None or now - self._route_table_at > ROUTE_CACHE_S:
+            _, routes = await self._call(self._resolver.routes.remote())
+            self._route_table, self._route_table_at = routes, now
+        return rank_routes(self._route_table, model, options, capability=capability)
 
     def _worker(self, route: Route) -> Any:
         worker = self._workers.get(route.target)

@@ -363,7 +363,7 @@ class LlamaCppEngine:
                 text = item
                 count = len(embedder.tokenize(item.encode("utf-8"), add_bos=True, special=False))
             else:
-                token_ids = [int(token) for token in item]
+                token_ids = [int(token) for token in item]  # type: ignore[call-overload]
                 vocab_size = llama.n_vocab()
                 if any(token < 0 or token >= vocab_size for token in token_ids):
                     raise InvalidRequestError(
