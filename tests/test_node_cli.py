@@ -13,7 +13,11 @@ pytestmark = pytest.mark.node
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mycellm", *args], input=stdin, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "mycellm", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": "/tmp"},
     )
 
@@ -29,7 +33,14 @@ def test_models_and_status(node) -> None:
 
 
 def test_chat_streams_an_answer_and_obeys_commands(node) -> None:
-    result = run_cli("chat", "--url", f"{node.url}/v1", "--max-tokens", "12", stdin="/model nope\nhello\n/model auto\nhello\n/exit\n")
+    result = run_cli(
+        "chat",
+        "--url",
+        f"{node.url}/v1",
+        "--max-tokens",
+        "12",
+        stdin="/model nope\nhello\n/model auto\nhello\n/exit\n",
+    )
     assert result.returncode == 0, result.stderr
     assert "error" in result.stdout  # the unknown model is reported, the REPL goes on
     assert "tokens, first after" in result.stdout

@@ -35,7 +35,7 @@ def test_quickstart_notebook_runs_against_a_node(node, monkeypatch: pytest.Monke
     namespace: dict[str, object] = {}
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "quickstart.ipynb", "exec"), namespace)  # noqa: S102
+            exec(compile("".join(cell["source"]), "quickstart.ipynb", "exec"), namespace)
     assert namespace["models"] == ["SmolLM2-135M-Instruct"]
     assert namespace["streamed"]
     similarity = namespace["similarity"]
