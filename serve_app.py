@@ -6,7 +6,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import ray
@@ -25,9 +24,8 @@ from mycellm.errors import (
     ModelNotFoundError,
     MycellmError,
     NoRouteError,
-    RequestCancelledError,
 )
-from mycellm.ledger.records import ServedRequestRecord
+from mycellm.ledger.tally import RequestTally
 from mycellm.metrics import NodeMetrics
 from mycellm.openai_api import (
     ChatCompletionBody,
@@ -75,35 +73,6 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-class _Served:
-    """What one request did, for the ledger and the metrics."""
-
-    def __init__(self, request_id: str, endpoint: str, model: str) -> None:
-        self.request_id = request_id
-        self.endpoint = endpoint
-        self.model = model
-        self.started = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.route: Route | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.outcome = "ok"
-        self.error_code: str | None = None
-
-    def mark_first_token(self) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-
-    def fail(self, error: BaseException) -> None:
-        if isinstance(error, RequestCancelledError | asyncio.CancelledError | GeneratorExit):
-            self.outcome = "cancelled"
-        elif isinstance(error, MycellmError) and error.status < 500:
-            self.outcome, self.error_code = "client_error", error.code or error.error_type
-        else:
-            self.outcome = "engine_error"
-            self.error_code = error.code if isinstance(error, MycellmError) else type(error).__name__
-
-
 @serve.deployment(name="NodeIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class NodeIngress:
@@ -134,7 +103,7 @@ class NodeIngress:
     async def embeddings(self, request: Request) -> Response:
         body = parse_body(await request.body(), EmbeddingBody)
         inputs = body.inputs()
-        served = _Served(f"embd-{uuid.uuid4().hex}", "embedding", body.model)
+        served = RequestTally(f"embd-{uuid.uuid4().hex}", "embedding", body.model)
         self._metrics.in_flight.inc()
         try:
             routes = await self._routes(body.model, body.mycellm, "embeddings")
@@ -270,7 +239,7 @@ class NodeIngress:
 
     async def _generate(self, body: ChatCompletionBody | CompletionBody, endpoint: str) -> Response:
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-        served = _Served(f"{prefix}-{uuid.uuid4().hex}", endpoint, body.model)
+        served = RequestTally(f"{prefix}-{uuid.uuid4().hex}", endpoint, body.model)
         self._metrics.in_flight.inc()
         try:
             body.check_supported()
@@ -307,7 +276,7 @@ class NodeIngress:
             "X-Mycellm-Route": f"{route.kind}:{route.target}",
         }
 
-    async def _try_routes(self, routes: list[Route], served: _Served, call: Any) -> tuple[Any, Route]:
+    async def _try_routes(self, routes: list[Route], served: RequestTally, call: Any) -> tuple[Any, Route]:
         """Run ``call(worker, route)`` on the best route; on a route failure move to the next one."""
         last_error: MycellmError | None = None
         for route in routes:
@@ -323,7 +292,7 @@ class NodeIngress:
         raise last_error or NoRouteError("no route could serve the request")
 
     async def _open(
-        self, generation: GenerationRequest, routes: list[Route], served: _Served
+        self, generation: GenerationRequest, routes: list[Route], served: RequestTally
     ) -> tuple[GenerationChunk, Route]:
         async def open_on(worker: Any, route: Route) -> GenerationChunk:
             request = generation.model_copy(update={"model": route.model.name})
@@ -337,7 +306,9 @@ class NodeIngress:
         served.mark_first_token()
         return first, route
 
-    async def _complete(self, generation: GenerationRequest, routes: list[Route], served: _Served) -> Any:
+    async def _complete(
+        self, generation: GenerationRequest, routes: list[Route], served: RequestTally
+    ) -> Any:
         async def complete_on(worker: Any, route: Route) -> Any:
             request = generation.model_copy(update={"model": route.model.name})
             try:
@@ -354,7 +325,7 @@ class NodeIngress:
         generation: GenerationRequest,
         route: Route,
         first: GenerationChunk,
-        served: _Served,
+        served: RequestTally,
     ) -> AsyncIterator[bytes]:
         worker = self._worker(route)
         model, request_id, created = route.model.name, generation.request_id, int(time.time())
@@ -400,32 +371,15 @@ class NodeIngress:
                 worker.cancel.remote(request_id)
             self._finish(served)
 
-    def _finish(self, served: _Served) -> None:
+    def _finish(self, served: RequestTally) -> None:
         self._metrics.in_flight.dec()
-        now = time.perf_counter()
-        route = served.route
-        ttft_ms = None if served.first_token_at is None else (served.first_token_at - served.started) * 1000
-        labels = (served.endpoint, served.model, route.kind if route else "none", served.outcome)
-        self._metrics.requests.labels(*labels).inc()
-        self._metrics.request_duration.labels(served.endpoint, served.model).observe(now - served.started)
-        if ttft_ms is not None and served.endpoint != "embedding":
-            self._metrics.time_to_first_token.labels(served.model).observe(ttft_ms / 1000)
+        record = served.to_record()
+        route = record.route_kind if record else "none"
+        self._metrics.requests.labels(served.endpoint, served.model, route, served.outcome).inc()
+        self._metrics.request_duration.labels(served.endpoint, served.model).observe(served.elapsed_s)
+        if served.time_to_first_token_s is not None and served.endpoint != "embedding":
+            self._metrics.time_to_first_token.labels(served.model).observe(served.time_to_first_token_s)
         self._metrics.prompt_tokens.labels(served.model).inc(served.prompt_tokens)
         self._metrics.completion_tokens.labels(served.model).inc(served.completion_tokens)
-        if route is None:
-            return  # rejected before routing: nothing was served
-        record = ServedRequestRecord(
-            request_id=served.request_id,
-            model=served.model,
-            endpoint=served.endpoint,  # type: ignore[arg-type]
-            route_kind=route.kind,
-            route_target=route.target,
-            prompt_tokens=served.prompt_tokens,
-            completion_tokens=served.completion_tokens,
-            time_to_first_token_ms=ttft_ms,
-            duration_ms=(now - served.started) * 1000,
-            outcome=served.outcome,  # type: ignore[arg-type]
-            error_code=served.error_code,
-            created_at=datetime.now(UTC),
-        )
-        self._ledger.record_request.remote(record)  # fire and forget: off the response path
+        if record is not None:  # None: rejected before routing, nothing was served
+            self._ledger.record_request.remote(record)  # fire and forget: off the response path

@@ -211,7 +211,11 @@ async def test_concurrent_streams_all_complete(async_client: openai.AsyncOpenAI,
     assert all(1 <= count <= 16 for count in counts)
 
 
-COUNTING = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 1500, "temperature": 0}  # runs ~10 s, no early stop
+COUNTING = {
+    "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+    "max_tokens": 1500,
+    "temperature": 0,
+}  # runs ~10 s, no early stop
 
 
 def wait_until_idle_and_cancelled(node) -> None:
@@ -232,7 +236,10 @@ def wait_until_idle_and_cancelled(node) -> None:
 
 def test_client_disconnect_cancels_streaming_generation(node, model_name: str) -> None:
     body = {"model": model_name, "stream": True, **COUNTING}
-    with httpx.Client(timeout=30) as http, http.stream("POST", f"{node.url}/v1/completions", json=body) as response:
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{node.url}/v1/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import importlib.util
-import json
 import logging
 import random
 import threading
@@ -18,7 +17,6 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from mycellm.config import BUNDLED_MODEL, ModelSettings
 from mycellm.engines.base import (
@@ -31,6 +29,7 @@ from mycellm.engines.base import (
     ToolCall,
     Usage,
 )
+from mycellm.engines.grammar import compile_grammar, response_format_grammar, tool_grammar_for
 from mycellm.engines.stops import StopMatcher
 from mycellm.errors import (
     ContextLengthError,
@@ -204,7 +203,7 @@ class LlamaCppEngine:
 
     def _prepare(self, llama: llama_cpp.Llama, request: GenerationRequest) -> _Prepared:
         stops = list(request.stop)
-        forced_tool, tool_grammar = self._tool_grammar(request)
+        forced_tool, tool_grammar = tool_grammar_for(request)
         if request.messages is not None:
             if self._formatter is None:
                 raise InvalidRequestError(f"model {self._name} has no chat template; use /v1/completions")
@@ -237,33 +236,8 @@ class LlamaCppEngine:
         max_new = min(request.max_tokens, room) if request.max_tokens else room
         grammar_text, is_schema = tool_grammar, tool_grammar is not None
         if grammar_text is None and request.response_format:
-            grammar_text, is_schema = _response_format_grammar(request.response_format)
+            grammar_text, is_schema = response_format_grammar(request.response_format)
         return _Prepared(request, tokens, max_new, tuple(stops), grammar_text, is_schema, forced_tool)
-
-    def _tool_grammar(self, request: GenerationRequest) -> tuple[str | None, str | None]:
-        """A forced tool call becomes a grammar over that function's arguments."""
-        if not request.tools or request.tool_choice in (None, "auto", "none"):
-            return None, None
-        functions = {tool["function"]["name"]: tool["function"] for tool in request.tools}
-        choice = request.tool_choice
-        if choice == "required":
-            if len(functions) != 1:
-                raise UnsupportedParameterError(
-                    "tool_choice 'required' with several tools is not supported by the llama.cpp engine; "
-                    "name the function in tool_choice",
-                    param="tool_choice",
-                )
-            name = next(iter(functions))
-        elif isinstance(choice, dict):
-            name = choice.get("function", {}).get("name", "")
-        else:
-            raise InvalidRequestError(f"unknown tool_choice {choice!r}", param="tool_choice")
-        if name not in functions:
-            raise InvalidRequestError(
-                f"tool_choice names {name!r}, which is not in tools", param="tool_choice"
-            )
-        schema = functions[name].get("parameters") or {"type": "object"}
-        return name, json.dumps(schema)
 
     def _run(
         self,
@@ -290,7 +264,7 @@ class LlamaCppEngine:
         cancelled: threading.Event,
     ) -> None:
         request = prepared.request
-        grammar = _compile_grammar(prepared.grammar_text, prepared.grammar_is_schema)
+        grammar = compile_grammar(prepared.grammar_text, prepared.grammar_is_schema)
         llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         matcher = StopMatcher(prepared.stops)
@@ -385,38 +359,3 @@ class LlamaCppEngine:
         return EmbeddingResult(
             vectors=tuple(tuple(float(x) for x in vector) for vector in vectors), prompt_tokens=counted
         )
-
-
-def _response_format_grammar(response_format: dict[str, Any]) -> tuple[str | None, bool]:
-    kind = response_format.get("type")
-    if kind in (None, "text"):
-        return None, False
-    if kind == "json_object":
-        return JSON_GBNF, False
-    if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise InvalidRequestError(
-                "response_format.json_schema.schema must be an object", param="response_format"
-            )
-        return json.dumps(schema), True
-    raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format.type")
-
-
-_LOOSE_CHAR_RULE = r'char ::= [^"\\] |'
-_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] |'
-
-
-def _compile_grammar(text: str | None, is_schema: bool) -> LlamaGrammar | None:
-    if text is None:
-        return None
-    try:
-        if is_schema:
-            # llama-cpp-python's converter lets raw control characters into strings, which makes
-            # invalid JSON (a newline inside a string); JSON forbids them, so the grammar must too.
-            text = json_schema_to_gbnf(text).replace(_LOOSE_CHAR_RULE, _STRICT_CHAR_RULE)
-        return LlamaGrammar.from_string(text, verbose=False)
-    except (ValueError, RuntimeError) as error:
-        raise InvalidRequestError(
-            f"the JSON schema cannot be turned into a grammar: {error}", param="response_format"
-        ) from error
