@@ -367,9 +367,13 @@ class NodeIngress:
             served.fail(error)
             raise
         finally:
-            if not finished:
-                worker.cancel.remote(request_id)
+            # Record first: the rest of this block may run while the task is being torn down.
             self._finish(served)
+            if not finished:
+                try:
+                    worker.cancel.remote(request_id)
+                except Exception as error:  # best effort; the worker's idle reaper is the backstop
+                    logger.warning("could not cancel %s: %s", request_id, error)
 
     def _finish(self, served: RequestTally) -> None:
         self._metrics.in_flight.dec()
