@@ -24,6 +24,7 @@ from mycellm.errors import (
     ModelNotFoundError,
     MycellmError,
     NoRouteError,
+    RequestCancelledError,
 )
 from mycellm.ledger.tally import RequestTally
 from mycellm.metrics import NodeMetrics
@@ -92,12 +93,12 @@ class NodeIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         body = parse_body(await request.body(), ChatCompletionBody)
-        return await self._generate(body, "chat")
+        return await self._generate(body, "chat", request)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         body = parse_body(await request.body(), CompletionBody)
-        return await self._generate(body, "completion")
+        return await self._generate(body, "completion", request)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
@@ -237,7 +238,9 @@ class NodeIngress:
             )
         return list(cards.values())
 
-    async def _generate(self, body: ChatCompletionBody | CompletionBody, endpoint: str) -> Response:
+    async def _generate(
+        self, body: ChatCompletionBody | CompletionBody, endpoint: str, request: Request
+    ) -> Response:
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         served = RequestTally(f"{prefix}-{uuid.uuid4().hex}", endpoint, body.model)
         self._metrics.in_flight.inc()
@@ -247,7 +250,7 @@ class NodeIngress:
             generation = body.to_request(served.request_id, routes[0].model.name)
             if body.stream:
                 first, route = await self._open(generation, routes, served)
-                stream = self._stream(body, generation, route, first, served)
+                stream = self._stream(body, generation, route, first, served, request)
                 return StreamingResponse(
                     stream, media_type="text/event-stream", headers=self._route_headers(route)
                 )
@@ -326,6 +329,7 @@ class NodeIngress:
         route: Route,
         first: GenerationChunk,
         served: RequestTally,
+        request: Request,
     ) -> AsyncIterator[bytes]:
         worker = self._worker(route)
         model, request_id, created = route.model.name, generation.request_id, int(time.time())
@@ -357,6 +361,11 @@ class NodeIngress:
                                 name = "chat.completion.chunk" if chat else "text_completion"
                                 yield _sse(usage_chunk_json(request_id, model, created, chunk.usage, name))
                         break
+                # A client that left is not always noticed by the proxy while we wait on the
+                # worker; asking each round makes the cancellation prompt.
+                if await request.is_disconnected():
+                    served.fail(RequestCancelledError(f"client left {request_id}"))
+                    return
                 chunk = await self._call(worker.pull.remote(request_id, 30.0))
             yield b"data: [DONE]\n\n"
         except MycellmError as error:

@@ -237,23 +237,49 @@ def wait_until_idle_and_cancelled(node, endpoint: str) -> None:
     pytest.fail(f"the request was not recorded as cancelled: {records}")
 
 
+# A grammar that forbids ending before 2000 characters of text: the answer cannot stop early.
+LONG_JSON = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "essay",
+        "schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 2000}},
+            "required": ["text"],
+        },
+    },
+}
+
+
 def test_client_disconnect_cancels_streaming_generation(node, model_name: str) -> None:
-    body = {"model": model_name, "stream": True, **COUNTING}
+    body = {
+        "model": model_name,
+        "stream": True,
+        "messages": LONG_PROMPT,
+        "max_tokens": 1500,
+        "response_format": LONG_JSON,
+    }
     with (
         httpx.Client(timeout=30) as http,
-        http.stream("POST", f"{node.url}/v1/completions", json=body) as response,
+        http.stream("POST", f"{node.url}/v1/chat/completions", json=body) as response,
     ):
         assert response.status_code == 200
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)
-    wait_until_idle_and_cancelled(node, "completion")
+    wait_until_idle_and_cancelled(node, "chat")
 
 
 def test_client_timeout_cancels_non_streaming_generation(node, model_name: str) -> None:
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{node.url}/v1/completions", json={"model": model_name, **COUNTING}, timeout=1.5)
-    wait_until_idle_and_cancelled(node, "completion")
+        body = {
+            "model": model_name,
+            "messages": LONG_PROMPT,
+            "max_tokens": 1500,
+            "response_format": LONG_JSON,
+        }
+        httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=1.5)
+    wait_until_idle_and_cancelled(node, "chat")
 
 
 def test_metrics_and_status(node, client: openai.OpenAI, model_name: str) -> None:
