@@ -46,6 +46,7 @@ from mycellm.routing import Route, rank_routes
 logger = logging.getLogger("mycellm.serve")
 
 ROUTE_CACHE_S = 1.0
+DISCONNECT_CHECK_S = 0.25
 
 app = FastAPI(title="mycellm", version=__version__, docs_url=None, redoc_url=None)
 
@@ -336,6 +337,7 @@ class NodeIngress:
         chat = isinstance(body, ChatCompletionBody)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk: GenerationChunk | None = first
+        checked_at = time.monotonic()
         finished = False
         try:
             if chat:
@@ -362,10 +364,13 @@ class NodeIngress:
                                 yield _sse(usage_chunk_json(request_id, model, created, chunk.usage, name))
                         break
                 # A client that left is not always noticed by the proxy while we wait on the
-                # worker; asking each round makes the cancellation prompt.
-                if await request.is_disconnected():
-                    served.fail(RequestCancelledError(f"client left {request_id}"))
-                    return
+                # worker; asking a few times a second makes the cancellation prompt and cheap.
+                now = time.monotonic()
+                if now - checked_at > DISCONNECT_CHECK_S:
+                    checked_at = now
+                    if await request.is_disconnected():
+                        served.fail(RequestCancelledError(f"client left {request_id}"))
+                        return
                 chunk = await self._call(worker.pull.remote(request_id, 30.0))
             yield b"data: [DONE]\n\n"
         except MycellmError as error:
