@@ -28,6 +28,7 @@ from mycellm.errors import (
 )
 from mycellm.ledger.tally import RequestTally
 from mycellm.metrics import NodeMetrics
+from mycellm.model_cards import model_cards
 from mycellm.openai_api import (
     ChatCompletionBody,
     CompletionBody,
@@ -214,30 +215,7 @@ class NodeIngress:
 
     async def _model_cards(self) -> list[dict[str, Any]]:
         _, routes = await self._call(self._resolver.routes.remote())
-        cards: dict[str, dict[str, Any]] = {}
-        for route in routes:
-            card = cards.setdefault(
-                route.model.name,
-                {
-                    "id": route.model.name,
-                    "object": "model",
-                    "created": int(self._started),
-                    "owned_by": route.model.owned_by,
-                    "mycellm": {
-                        "backend": route.model.backend,
-                        "context_tokens": route.model.context_tokens,
-                        "tier": route.model.tier,
-                        "tags": list(route.model.tags),
-                        "supports_embeddings": route.model.supports_embeddings,
-                        "supports_tools": route.model.supports_tools,
-                        "routes": [],
-                    },
-                },
-            )
-            card["mycellm"]["routes"].append(
-                {"kind": route.kind, "target": route.target, "node": self._node["peer_id"]}
-            )
-        return list(cards.values())
+        return model_cards(routes, self._node["peer_id"], int(self._started))
 
     async def _generate(
         self, body: ChatCompletionBody | CompletionBody, endpoint: str, request: Request

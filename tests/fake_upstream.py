@@ -13,7 +13,8 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
@@ -267,6 +268,17 @@ def _whole_tool_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
     name = body["tools"][0]["function"]["name"]
     arguments = "".join(TOOL_ARGUMENT_PIECES)
     return [{"id": "call_a", "type": "function", "function": {"name": name, "arguments": arguments}}]
+
+
+@contextmanager
+def running_upstream() -> Iterator[FakeUpstream]:
+    """A started fake upstream, stopped on exit (tests use it as a fixture body)."""
+    fake = FakeUpstream()
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
 
 
 def closed_port() -> int:

@@ -24,6 +24,7 @@ from tests.fake_upstream import (
     TOOL_ARGUMENT_PIECES,
     FakeUpstream,
     closed_port,
+    running_upstream,
 )
 
 WEATHER_TOOL = {
@@ -37,10 +38,8 @@ WEATHER_TOOL = {
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    fake.start()
-    yield fake
-    fake.stop()
+    with running_upstream() as fake:
+        yield fake
 
 
 def settings_for(upstream: FakeUpstream, **overrides: Any) -> ModelSettings:

@@ -9,7 +9,7 @@ import openai
 import pytest
 import yaml
 
-from tests.fake_upstream import API_KEY, CHAT_PIECES, FakeUpstream
+from tests.fake_upstream import API_KEY, CHAT_PIECES, FakeUpstream, running_upstream
 from tests.nodes import NodeProcess
 
 pytestmark = pytest.mark.node
@@ -17,10 +17,8 @@ pytestmark = pytest.mark.node
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    fake.start()
-    yield fake
-    fake.stop()
+    with running_upstream() as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from mycellm.engines.base import (
     ToolCall,
     Usage,
 )
+from mycellm.engines.upstream_wire import ERROR_TEXT_MAX_CHARS, error_fields, generation_payload, parse_json
 from mycellm.errors import (
     ConfigError,
     ContextLengthError,
@@ -29,7 +30,6 @@ from mycellm.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     MycellmError,
-    UnsupportedParameterError,
     UpstreamError,
 )
 
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 # A dead upstream should fail over fast, whatever the (long) read timeout for slow generations is.
 CONNECT_TIMEOUT_S = 10.0
-ERROR_TEXT_MAX_CHARS = 500
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
@@ -149,7 +148,7 @@ class OpenAIUpstreamEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         client = self._require_client()
-        path, payload = _generation_payload(request, self._upstream_model(request.model))
+        path, payload = generation_payload(request, self._upstream_model(request.model))
         try:
             response = await client.send(client.build_request("POST", path, json=payload), stream=True)
         except httpx.HTTPError as error:
@@ -165,7 +164,7 @@ class OpenAIUpstreamEngine:
                 if response.headers.get("content-type", "").startswith("application/json"):
                     # A server that ignored stream=true: take the whole answer as one event.
                     await response.aread()
-                    text = self._absorb(state, _parse_json(response.text, self._base_url), request)
+                    text = self._absorb(state, parse_json(response.text, self._base_url), request)
                     if text:
                         yield GenerationChunk(text=text)
                     state.finish_reason = state.finish_reason or "stop"
@@ -196,12 +195,12 @@ class OpenAIUpstreamEngine:
         data = line[len("data:") :].strip()
         if data == "[DONE]":
             return data
-        return _parse_json(data, self._base_url)
+        return parse_json(data, self._base_url)
 
     def _absorb(self, state: _StreamState, event: dict[str, Any], request: GenerationRequest) -> str:
         """Fold one event (a stream chunk or a whole response) into the state; return its new text."""
         if event.get("error"):
-            message, _, _ = _error_fields(event)
+            message, _, _ = error_fields(event)
             raise UpstreamError(f"upstream {self._base_url} failed mid-generation: {self._redact(message)}")
         if isinstance(event.get("usage"), dict):
             state.usage = event["usage"]
@@ -335,7 +334,7 @@ class OpenAIUpstreamEngine:
             raise self._transport_error(error) from error
         if response.status_code >= 400:
             raise self._status_error(response.status_code, response.text, model)
-        return _parse_json(response.text, self._base_url)
+        return parse_json(response.text, self._base_url)
 
     def _transport_error(self, error: httpx.HTTPError) -> UpstreamError:
         if isinstance(error, httpx.TimeoutException):
@@ -348,7 +347,7 @@ class OpenAIUpstreamEngine:
 
     def _status_error(self, status: int, body: str, model: str | None) -> MycellmError:
         try:
-            message, param, code = _error_fields(json.loads(body))
+            message, param, code = error_fields(json.loads(body))
         except (ValueError, AttributeError):
             message, param, code = body.strip()[:ERROR_TEXT_MAX_CHARS], None, None
         message = self._redact(message)
@@ -367,61 +366,3 @@ class OpenAIUpstreamEngine:
     def _redact(self, text: str) -> str:
         # Upstreams sometimes echo the key they rejected; it must never reach a log or a client.
         return text.replace(self._api_key, "[redacted]") if self._api_key else text
-
-
-def _generation_payload(request: GenerationRequest, upstream_model: str) -> tuple[str, dict[str, Any]]:
-    payload: dict[str, Any] = {
-        "model": upstream_model,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-    }
-    if request.max_tokens is not None:
-        payload["max_tokens"] = request.max_tokens
-    if request.seed is not None:
-        payload["seed"] = request.seed
-    if request.stop:
-        payload["stop"] = list(request.stop)
-    # Zero penalties are the default; leaving them out keeps servers that reject them working.
-    if request.presence_penalty:
-        payload["presence_penalty"] = request.presence_penalty
-    if request.frequency_penalty:
-        payload["frequency_penalty"] = request.frequency_penalty
-    if request.messages is not None:
-        payload["messages"] = list(request.messages)
-        if request.tools is not None:
-            payload["tools"] = list(request.tools)
-        if request.tool_choice is not None:
-            payload["tool_choice"] = request.tool_choice
-        if request.response_format is not None:
-            payload["response_format"] = request.response_format
-        return "chat/completions", payload
-    if request.response_format and request.response_format.get("type") not in (None, "text"):
-        raise UnsupportedParameterError(
-            "response_format is not supported for legacy completions on an upstream; use chat completions",
-            param="response_format",
-        )
-    payload["prompt"] = request.prompt
-    payload["echo"] = request.echo
-    return "completions", payload
-
-
-def _parse_json(text: str, base_url: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise UpstreamError(f"upstream {base_url} sent malformed JSON: {text[:80]!r}") from error
-    if not isinstance(value, dict):
-        raise UpstreamError(f"upstream {base_url} sent JSON that is not an object")
-    return value
-
-
-def _error_fields(body: Any) -> tuple[str, str | None, str | None]:
-    """Message, param and code of an error body in the OpenAI shape or one of the common variants."""
-    error = body.get("error", body) if isinstance(body, dict) else body
-    if not isinstance(error, dict):
-        return str(error)[:ERROR_TEXT_MAX_CHARS], None, None
-    message = str(error.get("message") or error.get("detail") or json.dumps(error))[:ERROR_TEXT_MAX_CHARS]
-    param, code = error.get("param"), error.get("code")
-    return message, param if isinstance(param, str) else None, code if isinstance(code, str) else None

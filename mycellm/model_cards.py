@@ -1,0 +1,34 @@
+"""OpenAI ``model`` objects for every model a node can route to, each listing where it is served."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from mycellm.routing import Route
+
+
+def model_cards(routes: Iterable[Route], node_peer_id: str, created: int) -> list[dict[str, Any]]:
+    cards: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        model = route.model
+        card = cards.setdefault(
+            model.name,
+            {
+                "id": model.name,
+                "object": "model",
+                "created": created,
+                "owned_by": model.owned_by,
+                "mycellm": {
+                    "backend": model.backend,
+                    "context_tokens": model.context_tokens,
+                    "tier": model.tier,
+                    "tags": list(model.tags),
+                    "supports_embeddings": model.supports_embeddings,
+                    "supports_tools": model.supports_tools,
+                    "routes": [],
+                },
+            },
+        )
+        card["mycellm"]["routes"].append({"kind": route.kind, "target": route.target, "node": node_peer_id})
+    return list(cards.values())
