@@ -194,7 +194,7 @@ class NodeIngress:
         # ROUTE_CACHE_S (and at once after a route fails), keeping an RPC off every request.
         now = time.monotonic()
         if self._route_table is None or now - self._route_table_at > ROUTE_CACHE_S:
-            _, routes = await self._call(self._resolver.routes.remote())
+            routes = await self._call(self._resolver.routes.remote())
             self._route_table, self._route_table_at = routes, now
         return rank_routes(self._route_table, model, options, capability=capability)
 
@@ -214,7 +214,7 @@ class NodeIngress:
         return list(await asyncio.gather(*(describe(name, worker) for name, worker in self._workers.items())))
 
     async def _model_cards(self) -> list[dict[str, Any]]:
-        _, routes = await self._call(self._resolver.routes.remote())
+        routes = await self._call(self._resolver.routes.remote())
         return model_cards(routes, self._node["peer_id"], int(self._started))
 
     async def _generate(

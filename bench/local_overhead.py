@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.openai_load import ScenarioResult, run_scenario  # noqa: E402
 from mycellm.engines.llama_cpp import BUNDLED_NAME, resolve_model_path  # noqa: E402
-from tests.nodes import NodeProcess, free_port, node_environment  # noqa: E402
+from tests.nodes import NodeProcess, free_port  # noqa: E402
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper and the sea.",
@@ -157,7 +157,6 @@ def main() -> None:
         data_dir,
         env={"MYCELLM_MODELS": json.dumps([{"threads": args.threads, "context_tokens": args.context}])},
     )
-    _ = node_environment  # the node runs with the same environment as in the tests
     peer, peer_url = start_peer(model_path, args.threads, args.context)
     try:
         node.start()
