@@ -16,6 +16,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.errors import unwrap_ray_error
+from actors.targets import RouteTarget, route_target
 from mycellm import __version__
 from mycellm.engines.base import EmbeddingRequest, GenerationChunk, GenerationRequest
 from mycellm.errors import (
@@ -79,11 +80,19 @@ def _sse(payload: dict[str, Any]) -> bytes:
 @serve.deployment(name="NodeIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class NodeIngress:
-    def __init__(self, node: dict[str, Any], resolver: Any, ledger: Any, workers: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        node: dict[str, Any],
+        resolver: Any,
+        ledger: Any,
+        workers: dict[str, Any],
+        peer_manager: Any = None,
+    ) -> None:
         self._node = node
         self._resolver = resolver
         self._ledger = ledger
         self._workers = workers
+        self._peer_manager = peer_manager
         self._timeout_s = float(node.get("request_timeout_s", 600.0))
         self._started = time.time()
         self._metrics = NodeMetrics()
@@ -115,7 +124,7 @@ class NodeIngress:
             embed_request = EmbeddingRequest(
                 request_id=served.request_id, model=route.model.name, inputs=inputs
             )
-            result = await self._call(self._worker(route).embed.remote(embed_request))
+            result = await self._call(self._target(route).embed(embed_request))
             served.prompt_tokens = result.prompt_tokens
             served.mark_first_token()
             return JSONResponse(embeddings_json(route.model.name, result, body.encoding_format))
@@ -141,7 +150,8 @@ class NodeIngress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         workers = await self._describe_workers()
-        ready = bool(workers) and all(worker.get("ready") for worker in workers)
+        # A relay (no local model) is healthy with no workers; a node with workers needs them ready.
+        ready = all(worker.get("ready") for worker in workers)
         return JSONResponse(
             {"status": "ok" if ready else "degraded", "workers": len(workers)},
             status_code=200 if ready else 503,
@@ -174,6 +184,13 @@ class NodeIngress:
             {"object": "list", "data": [record.model_dump(mode="json") for record in records]}
         )
 
+    @app.get("/v1/node/peers")
+    async def node_peers(self) -> JSONResponse:
+        if self._peer_manager is None:
+            return JSONResponse({"object": "list", "data": [], "connected": []})
+        view = await self._call(self._peer_manager.describe.remote())
+        return JSONResponse({"object": "list", "data": view.pop("peers"), **view})
+
     @app.get("/metrics")
     async def metrics(self) -> Response:
         return Response(self._metrics.render(), media_type=self._metrics.content_type)
@@ -196,13 +213,11 @@ class NodeIngress:
         if self._route_table is None or now - self._route_table_at > ROUTE_CACHE_S:
             routes = await self._call(self._resolver.routes.remote())
             self._route_table, self._route_table_at = routes, now
-        return rank_routes(self._route_table, model, options, capability=capability)
+        ranked = rank_routes(self._route_table, model, options, capability=capability)
+        return ranked[:1] if options is not None and options.fallback == "fail" else ranked
 
-    def _worker(self, route: Route) -> Any:
-        worker = self._workers.get(route.target)
-        if worker is None:
-            raise NoRouteError(f"worker {route.target} is not known to this ingress")
-        return worker
+    def _target(self, route: Route) -> RouteTarget:
+        return route_target(route, self._workers, self._peer_manager)
 
     async def _describe_workers(self) -> list[dict[str, Any]]:
         async def describe(name: str, worker: Any) -> dict[str, Any]:
@@ -229,7 +244,7 @@ class NodeIngress:
             generation = body.to_request(served.request_id, routes[0].model.name)
             if body.stream:
                 first, route = await self._open(generation, routes, served)
-                stream = self._stream(body, generation, route, first, served, request)
+                stream = self._stream(body, generation, route, first, served, request, routes)
                 return StreamingResponse(
                     stream, media_type="text/event-stream", headers=self._route_headers(route)
                 )
@@ -249,39 +264,42 @@ class NodeIngress:
         )
         return JSONResponse(payload, headers=self._route_headers(route))
 
+    def _served_by(self, route: Route) -> str:
+        return route.target if route.kind == "peer" else self._node["peer_id"]
+
     def _route_info(self, route: Route) -> dict[str, Any]:
-        return {"route": route.kind, "target": route.target, "served_by": self._node["peer_id"]}
+        return {"route": route.kind, "target": route.target, "served_by": self._served_by(route)}
 
     def _route_headers(self, route: Route) -> dict[str, str]:
         return {
-            "X-Mycellm-Routed-To": self._node["peer_id"],
+            "X-Mycellm-Routed-To": self._served_by(route),
             "X-Mycellm-Route": f"{route.kind}:{route.target}",
         }
 
     async def _try_routes(self, routes: list[Route], served: RequestTally, call: Any) -> tuple[Any, Route]:
-        """Run ``call(worker, route)`` on the best route; on a route failure move to the next one."""
+        """Run ``call(target, route)`` on the best route; on a route failure move to the next one."""
         last_error: MycellmError | None = None
         for route in routes:
             served.route, served.model = route, route.model.name
-            worker = self._worker(route)
             try:
-                return await call(worker, route), route
+                return await call(self._target(route), route), route
             except EngineError as error:
                 logger.warning(
                     "route %s:%s failed before output: %s", route.kind, route.target, error.message
                 )
                 last_error = error
+                self._route_table = None  # the table may be stale: refresh it on the next request
         raise last_error or NoRouteError("no route could serve the request")
 
     async def _open(
         self, generation: GenerationRequest, routes: list[Route], served: RequestTally
     ) -> tuple[GenerationChunk, Route]:
-        async def open_on(worker: Any, route: Route) -> GenerationChunk:
+        async def open_on(target: RouteTarget, route: Route) -> GenerationChunk:
             request = generation.model_copy(update={"model": route.model.name})
             try:
-                return await self._call(worker.open.remote(request, self._timeout_s))
+                return await self._call(target.open(request, self._timeout_s))
             except asyncio.CancelledError:
-                worker.cancel.remote(generation.request_id)
+                target.cancel(generation.request_id)
                 raise
 
         first, route = await self._try_routes(routes, served, open_on)
@@ -291,15 +309,30 @@ class NodeIngress:
     async def _complete(
         self, generation: GenerationRequest, routes: list[Route], served: RequestTally
     ) -> Any:
-        async def complete_on(worker: Any, route: Route) -> Any:
+        async def complete_on(target: RouteTarget, route: Route) -> Any:
             request = generation.model_copy(update={"model": route.model.name})
             try:
-                return await self._call(worker.complete.remote(request))
+                return await self._call(target.complete(request))
             except asyncio.CancelledError:
-                worker.cancel.remote(generation.request_id)
+                target.cancel(generation.request_id)
                 raise
 
         return await self._try_routes(routes, served, complete_on)
+
+    async def _resume(
+        self,
+        generation: GenerationRequest,
+        produced: str,
+        routes: list[Route],
+        served: RequestTally,
+        attempt: int,
+    ) -> tuple[GenerationChunk, Route, GenerationRequest]:
+        """Continue a broken stream on the next routes from the text already sent to the client."""
+        resumed = generation.model_copy(
+            update={"request_id": f"{generation.request_id}-r{attempt}", "continuation": produced}
+        )
+        first, route = await self._open(resumed, routes, served)
+        return first, route, resumed
 
     async def _stream(
         self,
@@ -309,12 +342,17 @@ class NodeIngress:
         first: GenerationChunk,
         served: RequestTally,
         request: Request,
+        routes: list[Route],
     ) -> AsyncIterator[bytes]:
-        worker = self._worker(route)
+        target = self._target(route)
         model, request_id, created = route.model.name, generation.request_id, int(time.time())
+        current = generation.request_id  # the id the serving route knows this stream by
         chat = isinstance(body, ChatCompletionBody)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk: GenerationChunk | None = first
+        produced: list[str] = []
+        tool_calls_sent = False
+        remaining = [candidate for candidate in routes if candidate != route]
         checked_at = time.monotonic()
         finished = False
         try:
@@ -326,6 +364,8 @@ class NodeIngress:
             while True:
                 if chunk is not None:
                     if chunk.text or chunk.tool_calls or chunk.finish_reason:
+                        produced.append(chunk.text)
+                        tool_calls_sent = tool_calls_sent or bool(chunk.tool_calls)
                         payload = (
                             chat_chunk_json(request_id, model, created, chunk)
                             if chat
@@ -349,7 +389,22 @@ class NodeIngress:
                     if await request.is_disconnected():
                         served.fail(RequestCancelledError(f"client left {request_id}"))
                         return
-                chunk = await self._call(worker.pull.remote(request_id, 30.0))
+                try:
+                    chunk = await self._call(target.pull(current, 30.0))
+                except EngineError as error:
+                    # The route broke mid-stream: go on from the text sent so far on the next route.
+                    if not remaining or tool_calls_sent:
+                        raise
+                    logger.warning(
+                        "route %s:%s broke mid-stream: %s", route.kind, route.target, error.message
+                    )
+                    self._route_table = None
+                    attempt = len(routes) - len(remaining)
+                    chunk, route, resumed = await self._resume(
+                        generation, "".join(produced), remaining, served, attempt
+                    )
+                    remaining = remaining[remaining.index(route) + 1 :]
+                    target, current = self._target(route), resumed.request_id
             yield b"data: [DONE]\n\n"
         except MycellmError as error:
             served.fail(error)
@@ -363,9 +418,9 @@ class NodeIngress:
             self._finish(served)
             if not finished:
                 try:
-                    worker.cancel.remote(request_id)
+                    target.cancel(current)
                 except Exception as error:  # best effort; the worker's idle reaper is the backstop
-                    logger.warning("could not cancel %s: %s", request_id, error)
+                    logger.warning("could not cancel %s: %s", current, error)
 
     def _finish(self, served: RequestTally) -> None:
         self._metrics.in_flight.dec()

@@ -13,6 +13,7 @@ from ray import serve
 
 from actors.inference_worker import InferenceWorker
 from actors.ledger import Ledger
+from actors.peer_manager import PeerManager
 from actors.resolver import Resolver
 from mycellm.config import ModelSettings, NodeSettings
 from mycellm.engines.base import ModelInfo
@@ -52,6 +53,8 @@ class Node:
 
     ledger: Any
     resolver: Any
+    peer_manager: Any = None
+    quic_port: int = 0
     workers: dict[str, Any] = field(default_factory=dict)
     models: list[ModelInfo] = field(default_factory=list)
 
@@ -61,6 +64,8 @@ class Node:
         except Exception as error:  # shutting down: report and go on with the rest
             logger.warning("could not delete the Serve app: %s", error)
         stops = [worker.stop.remote() for worker in self.workers.values()] + [self.ledger.stop.remote()]
+        if self.peer_manager is not None:
+            stops.append(self.peer_manager.stop.remote())
         ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
 
 
@@ -105,6 +110,14 @@ def build_node(settings: NodeSettings, identity: NodeIdentity) -> Node:
         node.models.extend(models)
         ray.get(resolver.register_worker.remote(name, models))
 
+    local_routes = ray.get(resolver.local_routes.remote())
+    node.peer_manager = (
+        ray.remote(PeerManager)
+        .options(name="peer-manager", num_cpus=0, max_concurrency=1000)
+        .remote(settings, resolver, ledger, node.workers, local_routes)
+    )
+    node.quic_port = ray.get(node.peer_manager.start.remote())
+
     serve.start(http_options={"host": settings.host, "port": settings.port})
     from serve_app import NodeIngress
 
@@ -114,9 +127,10 @@ def build_node(settings: NodeSettings, identity: NodeIdentity) -> Node:
         "node_name": settings.node_name,
         "namespace": settings.ray_namespace,
         "request_timeout_s": settings.request_timeout_s,
+        "quic_port": node.quic_port,
     }
     serve.run(
-        NodeIngress.bind(node_info, resolver, ledger, node.workers),
+        NodeIngress.bind(node_info, resolver, ledger, node.workers, node.peer_manager),
         name=APP_NAME,
         route_prefix="/",
         blocking=False,

@@ -29,7 +29,7 @@ def run_node(settings: NodeSettings) -> int:
         names = ", ".join(model.name for model in node.models)
         print(
             f"mycellm node {identity.peer_id[:16]} serving http://{settings.host}:{settings.port}/v1 "
-            f"(models: {names}; data: {data_dir})",
+            f"(QUIC :{node.quic_port}; models: {names or 'none, relaying to peers'}; data: {data_dir})",
             flush=True,
         )
         stop.wait()

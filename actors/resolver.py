@@ -7,7 +7,7 @@ from mycellm.routing import Route
 
 
 class Resolver:
-    """Local workers register now; peers, chains and fleet nodes will register the same way.
+    """Local workers register at start; the PeerManager replaces the peer routes as links change.
 
     Readers (the ingress) copy the table and rank it with ``mycellm.routing.rank_routes``, so no
     request waits on this actor.
@@ -15,6 +15,7 @@ class Resolver:
 
     def __init__(self) -> None:
         self._routes: dict[tuple[str, str, str], Route] = {}
+        self._peer_routes: list[Route] = []
 
     async def register_worker(self, worker_name: str, models: list[ModelInfo]) -> None:
         for model in models:
@@ -22,5 +23,11 @@ class Resolver:
                 kind="local", target=worker_name, model=model
             )
 
+    async def set_peer_routes(self, routes: list[Route]) -> None:
+        self._peer_routes = [route for route in routes if route.kind == "peer"]
+
     async def routes(self) -> list[Route]:
+        return [*self._routes.values(), *self._peer_routes]
+
+    async def local_routes(self) -> list[Route]:
         return list(self._routes.values())

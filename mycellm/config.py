@@ -73,7 +73,7 @@ class NodeSettings(BaseSettings):
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     host: str = "127.0.0.1"
     port: int = Field(default=8420, ge=1, le=65535)
-    quic_port: int = Field(default=8421, ge=1, le=65535)
+    quic_port: int = Field(default=8421, ge=0, le=65535)  # 0: any free port
     data_dir: Path = Path("~/.mycellm")
     model: str | None = None
     models: tuple[ModelSettings, ...] = (ModelSettings(),)
@@ -87,12 +87,36 @@ class NodeSettings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     stream_interval_s: float = Field(default=0.02, ge=0, le=1)
+    quic_host: str | None = None
+    advertise_address: str | None = None
+    bootstrap_peers: tuple[str, ...] = ()
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=600)
+    heartbeat_misses: int = Field(default=3, ge=1, le=100)
+    reconnect_max_backoff_s: float = Field(default=60.0, gt=0, le=3600)
+    peer_exchange_interval_s: float = Field(default=30.0, gt=0, le=86400)
+    max_peers: int = Field(default=32, ge=1, le=1024)
+    max_frame_bytes: int = Field(default=1 << 20, ge=4096, le=64 << 20)
 
     @model_validator(mode="after")
     def _check(self) -> NodeSettings:
-        if not self.models and self.model is None:
-            raise ValueError("no model configured: set 'model' or 'models'")
+        # No model at all is allowed: such a node relays to its peers (or is a bootstrap node).
+        for address in (*self.bootstrap_peers, *([self.advertise_address] if self.advertise_address else [])):
+            split_address(address)
         return self
+
+    @property
+    def resolved_quic_host(self) -> str:
+        return self.quic_host or self.host
+
+    @property
+    def resolved_advertise_address(self) -> str | None:
+        """host:port peers should dial; None when bound to a wildcard and nothing was set."""
+        if self.advertise_address:
+            return self.advertise_address
+        host = self.resolved_quic_host
+        if host in ("0.0.0.0", "::", ""):
+            return None
+        return join_address(host, self.quic_port)
 
     @classmethod
     def settings_customise_sources(
@@ -123,6 +147,19 @@ class NodeSettings(BaseSettings):
         shortcut = ModelSettings(path=self.model)
         rest = tuple(m for m in self.models if m.backend != "llama_cpp")
         return (shortcut, *rest)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) into its parts; ValueError naming the address if it is not one."""
+    host, separator, port_text = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not separator or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port_text)
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # The YAML file in use is set by load_settings for the duration of one construction.

@@ -10,7 +10,9 @@ MycellmError
 ├── RoutingConstraintError      422: routing options that no route can satisfy
 ├── EngineError                 503: an engine failed or is not ready
 │   └── UpstreamError           503: an OpenAI-compatible upstream failed
+│   └── PeerError               503: a peer link failed, was refused or answered with an error
 ├── NoRouteError                503: the model is known but no route is healthy now
+├── ProtocolError               a QUIC frame that breaks the wire protocol (answered with an error frame)
 └── RequestCancelledError       the client went away; never sent to a client
 
 Every error carries the HTTP status, the OpenAI error ``type`` and ``code`` and, where a single
@@ -106,6 +108,26 @@ class EngineError(MycellmError):
 
 class UpstreamError(EngineError):
     code = "upstream_error"
+
+
+class PeerError(EngineError):
+    code = "peer_unavailable"
+
+
+class ProtocolError(MycellmError):
+    """A frame that breaks the wire protocol; ``code`` is the wire error code sent back.
+
+    ``recoverable`` is False when the stream cannot be read further (framing is lost).
+    """
+
+    error_type = "protocol_error"
+    code = "bad_frame"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, recoverable: bool = False
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.recoverable = recoverable
 
 
 class NoRouteError(MycellmError):

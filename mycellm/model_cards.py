@@ -1,4 +1,4 @@
-"""OpenAI ``model`` objects for every model a node can route to, each listing where it is served."""
+"""OpenAI ``model`` objects for every model the reachable network serves, each listing where (which node)."""
 
 from __future__ import annotations
 
@@ -30,5 +30,6 @@ def model_cards(routes: Iterable[Route], node_peer_id: str, created: int) -> lis
                 },
             },
         )
-        card["mycellm"]["routes"].append({"kind": route.kind, "target": route.target, "node": node_peer_id})
+        node = route.target if route.kind == "peer" else node_peer_id
+        card["mycellm"]["routes"].append({"kind": route.kind, "target": route.target, "node": node})
     return list(cards.values())

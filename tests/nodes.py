@@ -20,6 +20,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def node_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a node under test: loopback Ray, no usage stats, no dashboard, short temp dir."""
     env = dict(os.environ)
@@ -45,11 +51,13 @@ class NodeProcess:
         data_dir: Path,
         *,
         port: int | None = None,
+        quic_port: int | None = None,
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.quic_port = quic_port or free_udp_port()
         self.args = args or []
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
@@ -58,6 +66,10 @@ class NodeProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def quic_address(self) -> str:
+        return f"127.0.0.1:{self.quic_port}"
 
     def start(self, timeout_s: float = 240.0) -> None:
         ray_temp = tempfile.mkdtemp(prefix="mcray", dir="/tmp")
@@ -77,7 +89,9 @@ class NodeProcess:
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=node_environment({"MYCELLM_RAY_TEMP_DIR": ray_temp, **self.env}),
+            env=node_environment(
+                {"MYCELLM_RAY_TEMP_DIR": ray_temp, "MYCELLM_QUIC_PORT": str(self.quic_port), **self.env}
+            ),
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,180 @@
+"""PeerManager: the node's QUIC endpoint and peer registry; forwards requests to peers and serves theirs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+
+from actors.errors import unwrap_ray_error
+from mycellm.config import NodeSettings
+from mycellm.engines.base import (
+    CompletionResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+)
+from mycellm.errors import EngineError
+from mycellm.identity import load_or_create_identity
+from mycellm.ledger.tally import RequestTally
+from mycellm.peers import PeerService
+from mycellm.routing import Route, rank_routes
+
+logger = logging.getLogger(__name__)
+
+ROUTE_PUSH_DELAY_S = 0.1
+
+
+class _Workers:
+    """The LocalServer peers see: this node's InferenceWorkers, reached over Ray."""
+
+    def __init__(self, workers: dict[str, Any], routes: list[Route], ledger: Any, timeout_s: float) -> None:
+        self._workers = workers
+        self._routes = routes
+        self._ledger = ledger
+        self._timeout_s = timeout_s
+        self.active = 0
+
+    def models(self) -> list[ModelInfo]:
+        seen: dict[str, ModelInfo] = {}
+        for route in self._routes:
+            seen.setdefault(route.model.name, route.model)
+        return list(seen.values())
+
+    def load(self) -> int:
+        return self.active
+
+    async def _call(self, reference: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return await asyncio.wait_for(reference, timeout=timeout_s or self._timeout_s)
+        except TimeoutError as error:
+            raise EngineError(f"no answer within {timeout_s or self._timeout_s:.0f} s") from error
+        except ray.exceptions.RayError as error:
+            raise unwrap_ray_error(error) from error
+
+    async def generate(self, request: GenerationRequest, peer_id: str) -> AsyncIterator[GenerationChunk]:
+        served = RequestTally(request.request_id, request.kind, request.model)
+        route = rank_routes(self._routes, request.model)[0]
+        served.route = route
+        worker = self._workers[route.target]
+        finished = False
+        self.active += 1
+        try:
+            chunk = await self._call(worker.open.remote(request, self._timeout_s))
+            served.mark_first_token()
+            while True:
+                if chunk is not None:
+                    if chunk.usage is not None:
+                        served.prompt_tokens = chunk.usage.prompt_tokens
+                        served.completion_tokens = chunk.usage.completion_tokens
+                    finished = chunk.is_final
+                    yield chunk
+                    if finished:
+                        return
+                chunk = await self._call(worker.pull.remote(request.request_id, 30.0), 60.0)
+        except BaseException as error:
+            served.fail(error)
+            raise
+        finally:
+            self.active -= 1
+            if not finished:
+                worker.cancel.remote(request.request_id)
+            record = served.to_record()
+            if record is not None:
+                self._ledger.record_request.remote(record)
+
+    async def embed(self, request: EmbeddingRequest, peer_id: str) -> EmbeddingResult:
+        route = rank_routes(self._routes, request.model, capability="embeddings")[0]
+        return await self._call(self._workers[route.target].embed.remote(request))
+
+
+class PeerManager:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        resolver: Any,
+        ledger: Any,
+        workers: dict[str, Any],
+        local_routes: list[Route],
+    ) -> None:
+        identity = load_or_create_identity(settings.resolved_data_dir, node_name=settings.node_name)
+        self._resolver = resolver
+        self._local = _Workers(workers, local_routes, ledger, settings.request_timeout_s)
+        self._service = PeerService(settings, identity, self._local, on_change=self._routes_changed)
+        self._push: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        return await self._service.start()
+
+    async def stop(self) -> None:
+        await self._service.stop()
+
+    def _routes_changed(self) -> None:
+        # Many changes arrive together (a hello, a round of pongs): push one table after them.
+        if self._push is None or self._push.done():
+            self._push = asyncio.get_running_loop().create_task(self._push_routes())
+
+    async def _push_routes(self) -> None:
+        await asyncio.sleep(ROUTE_PUSH_DELAY_S)
+        routes: list[Route] = []
+        for peer_id, session in self._service.sessions.items():
+            record = self._service.registry.get(peer_id)
+            for model in session.hello.models:
+                routes.append(
+                    Route(
+                        kind="peer",
+                        target=peer_id,
+                        model=model,
+                        latency_ms=(record.rtt_ms or 0.0) if record else 0.0,
+                        load=record.load if record else 0,
+                        success_rate=record.success_rate if record else 1.0,
+                        hops=1,
+                    )
+                )
+        try:
+            await self._resolver.set_peer_routes.remote(routes)
+        except ray.exceptions.RayError as error:
+            logger.warning("could not update the resolver: %s", error)
+
+    # -- forwarding (called by the ingress) ---------------------------------------------------
+
+    async def open(self, peer_id: str, request: GenerationRequest, wait_s: float) -> GenerationChunk:
+        return await self._service.forwarder.open(peer_id, request, wait_s)
+
+    async def pull(self, request_id: str, wait_s: float = 30.0) -> GenerationChunk | None:
+        return await self._service.forwarder.pull(request_id, wait_s)
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self._service.forwarder.cancel(request_id)
+
+    async def complete(self, peer_id: str, request: GenerationRequest) -> CompletionResult:
+        return await self._service.forwarder.complete(peer_id, request)
+
+    async def embed(
+        self, peer_id: str, request: EmbeddingRequest, timeout_s: float = 600.0
+    ) -> EmbeddingResult:
+        return await self._service.forwarder.embed(peer_id, request, timeout_s)
+
+    # -- views --------------------------------------------------------------------------------
+
+    async def describe(self) -> dict[str, Any]:
+        service = self._service
+        return {
+            "peer_id": service.peer_id,
+            "quic_port": service.port,
+            "address": service.address,
+            "connected": sorted(service.sessions),
+            "peers": [
+                record.model_dump(mode="json") | {"success_rate": record.success_rate}
+                for record in service.peers()
+            ],
+            "revocations": [
+                {"account_id": item.account_id, "serial": item.serial, "revoked": len(item.revoked)}
+                for item in service.revocations.lists()
+            ],
+        }

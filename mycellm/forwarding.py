@@ -1,0 +1,257 @@
+"""Requests over peer links: sending ours to a peer (streamed back, cancellable) and serving a peer's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol
+
+from mycellm.engines.base import (
+    CompletionResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    InferenceEngine,
+    ModelInfo,
+)
+from mycellm.errors import ModelNotFoundError, MycellmError, PeerError, ProtocolError
+from mycellm.streams import ChunkBuffer, StreamTable
+from mycellm.wire import (
+    CancelMessage,
+    ChunkMessage,
+    DoneMessage,
+    EmbeddingMessage,
+    EmbedMessage,
+    ErrorMessage,
+    InferenceMessage,
+    error_from_message,
+    error_message,
+)
+
+if TYPE_CHECKING:
+    from mycellm.peers import PeerService, Session
+    from mycellm.transport.quic import FrameStream
+
+logger = logging.getLogger(__name__)
+
+FIRST_FRAME_TIMEOUT_S = 10.0
+
+
+class LocalServer(Protocol):
+    """What a node serves to its peers: its local models, run by whatever owns them."""
+
+    def models(self) -> list[ModelInfo]: ...
+
+    def load(self) -> int: ...
+
+    def generate(self, request: GenerationRequest, peer_id: str) -> AsyncIterator[GenerationChunk]: ...
+
+    async def embed(self, request: EmbeddingRequest, peer_id: str) -> EmbeddingResult: ...
+
+
+class EngineServer:
+    """A LocalServer over engines in this process (a node without Ray, benchmarks, tests)."""
+
+    def __init__(self, engines: list[InferenceEngine]) -> None:
+        self._engines = engines
+        self._active = 0
+
+    def models(self) -> list[ModelInfo]:
+        return [model for engine in self._engines for model in engine.models()]
+
+    def load(self) -> int:
+        return self._active
+
+    def _engine(self, model: str) -> InferenceEngine:
+        for engine in self._engines:
+            if any(info.name == model for info in engine.models()):
+                return engine
+        raise ModelNotFoundError(f"The model '{model}' is not served by this node", param="model")
+
+    async def generate(self, request: GenerationRequest, peer_id: str) -> AsyncIterator[GenerationChunk]:
+        engine = self._engine(request.model)
+        self._active += 1
+        try:
+            async for chunk in engine.generate(request):
+                yield chunk
+        finally:
+            self._active -= 1
+
+    async def embed(self, request: EmbeddingRequest, peer_id: str) -> EmbeddingResult:
+        return await self._engine(request.model).embed(request)
+
+
+class Forwarder:
+    def __init__(self, service: PeerService, local: LocalServer, stream_interval_s: float) -> None:
+        self._service = service
+        self._local = local
+        self._outbound = StreamTable(stream_interval_s)
+        self._serving: set[asyncio.Task[None]] = set()
+
+    @property
+    def serving(self) -> int:
+        return len(self._serving)
+
+    # -- our requests, served by a peer --------------------------------------------------------
+
+    async def open(self, peer_id: str, request: GenerationRequest, wait_s: float) -> GenerationChunk:
+        """Send ``request`` to ``peer_id``; returns its first chunk (errors before output raise)."""
+        stream = self._service.session(peer_id).link.open_stream()
+        stream.send(InferenceMessage(request=request))
+
+        async def receive(buffer: ChunkBuffer) -> None:
+            await self._receive(peer_id, stream, buffer)
+
+        self._outbound.start(request.request_id, receive)
+        chunk = await self._outbound.take(request.request_id, wait_s, first=True)
+        assert chunk is not None
+        return chunk
+
+    async def pull(self, request_id: str, wait_s: float) -> GenerationChunk | None:
+        return await self._outbound.take(request_id, wait_s)
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self._outbound.cancel(request_id)
+
+    async def complete(self, peer_id: str, request: GenerationRequest) -> CompletionResult:
+        stream = self._service.session(peer_id).link.open_stream()
+        stream.send(InferenceMessage(request=request))
+
+        async def receive(buffer: ChunkBuffer) -> None:
+            await self._receive(peer_id, stream, buffer)
+
+        self._outbound.start(request.request_id, receive)
+        return await self._outbound.collect(request.request_id)
+
+    async def embed(self, peer_id: str, request: EmbeddingRequest, timeout_s: float) -> EmbeddingResult:
+        stream = self._service.session(peer_id).link.open_stream()
+        try:
+            stream.send(EmbedMessage(request=request))
+            reply = await stream.receive(timeout_s)
+            if isinstance(reply, EmbeddingMessage):
+                self._service.registry.outcome(peer_id, True)
+                return EmbeddingResult(vectors=reply.vectors, prompt_tokens=reply.prompt_tokens)
+            error = (
+                error_from_message(reply, peer_id)
+                if isinstance(reply, ErrorMessage)
+                else PeerError(f"peer {peer_id[:12]} answered an embedding with {type(reply).__name__}")
+            )
+            self._service.registry.outcome(peer_id, not isinstance(error, PeerError))
+            raise error
+        finally:
+            stream.end()
+
+    async def _receive(self, peer_id: str, stream: FrameStream, buffer: ChunkBuffer) -> None:
+        registry = self._service.registry
+        try:
+            while True:
+                message = await stream.receive()
+                if isinstance(message, ChunkMessage):
+                    buffer.put(GenerationChunk(text=message.text, tool_calls=message.tool_calls))
+                elif isinstance(message, DoneMessage):
+                    buffer.put(
+                        GenerationChunk(
+                            text=message.text,
+                            tool_calls=message.tool_calls,
+                            finish_reason=message.finish_reason,
+                            usage=message.usage,
+                        )
+                    )
+                    registry.outcome(peer_id, True)
+                    stream.end()
+                    return
+                elif isinstance(message, ErrorMessage):
+                    error = error_from_message(message, peer_id)
+                    if not isinstance(error, PeerError):  # the request's fault, not the peer's
+                        registry.outcome(peer_id, True)
+                    stream.end()
+                    raise error
+                elif message is None:
+                    raise PeerError(f"peer {peer_id[:12]} ended the stream without an answer")
+                else:
+                    raise PeerError(f"peer {peer_id[:12]} sent {message.kind} inside an answer")
+        except PeerError:
+            registry.outcome(peer_id, False)
+            stream.reset()
+            raise
+        except asyncio.CancelledError:
+            with contextlib.suppress(MycellmError):
+                stream.send(CancelMessage(reason="cancelled by the requester"), end=True)
+            raise
+
+    # -- a peer's requests, served here ---------------------------------------------------------
+
+    async def serve_stream(self, session: Session, stream: FrameStream) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        try:
+            first = await stream.receive(FIRST_FRAME_TIMEOUT_S)
+            if isinstance(first, InferenceMessage):
+                await self._serve_generation(session.peer_id, stream, first.request)
+            elif isinstance(first, EmbedMessage):
+                result = await self._local.embed(first.request, session.peer_id)
+                stream.send(
+                    EmbeddingMessage(vectors=result.vectors, prompt_tokens=result.prompt_tokens), end=True
+                )
+            elif first is not None:
+                raise ProtocolError(f"a request stream cannot open with {first.kind}", code="unexpected")
+        except asyncio.CancelledError:
+            stream.reset()
+            raise
+        except MycellmError as error:
+            with contextlib.suppress(MycellmError):
+                stream.send(error_message(error), end=True)
+        finally:
+            self._serving.discard(task)
+
+    async def _serve_generation(self, peer_id: str, stream: FrameStream, request: GenerationRequest) -> None:
+        finished = False
+        serving = asyncio.current_task()
+        assert serving is not None
+
+        async def watch() -> None:
+            # A cancel frame, the requester ending its side, or a lost link stops the generation.
+            try:
+                while (message := await stream.receive()) is not None:
+                    if isinstance(message, CancelMessage):
+                        break
+            except PeerError:
+                pass
+            if not finished:
+                serving.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async with contextlib.aclosing(self._local.generate(request, peer_id)) as chunks:
+                async for chunk in chunks:
+                    if chunk.is_final:
+                        assert chunk.finish_reason is not None and chunk.usage is not None
+                        finished = True
+                        stream.send(
+                            DoneMessage(
+                                text=chunk.text,
+                                tool_calls=chunk.tool_calls,
+                                finish_reason=chunk.finish_reason,
+                                usage=chunk.usage,
+                            ),
+                            end=True,
+                        )
+                        return
+                    if chunk.text or chunk.tool_calls:
+                        stream.send(ChunkMessage(text=chunk.text, tool_calls=chunk.tool_calls))
+            raise PeerError("the local engine ended without a final chunk")
+        finally:
+            finished = True
+            watcher.cancel()
+
+    async def reap(self, idle_timeout_s: float) -> None:
+        await self._outbound.reap(idle_timeout_s)
+
+    async def close(self) -> None:
+        await self._outbound.cancel_all()
+        for task in list(self._serving):
+            task.cancel()

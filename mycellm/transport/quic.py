@@ -1,0 +1,400 @@
+"""aioquic glue: a QUIC endpoint whose links are mutually authenticated by device certificates.
+
+Each end presents an X.509 certificate self-signed with its device key that carries its CBOR
+device certificate in an extension. TLS 1.3 proves that the other end holds the certificate's
+key (CertificateVerify); ``peer_certificate`` then checks that this key is the device key of a
+device certificate signed by an account key and still valid, and ``check_peer`` (revocation,
+network membership) has the last word. Nothing the peer sends is read before that passed.
+
+aioquic 1.7 does not ask clients for a certificate and accepts a client that sends none: the
+server side turns on its private ``_request_client_certificate`` switch (the version is pinned)
+and refuses a link without a verified certificate. One QUIC stream carries one request; frames
+on it are ``mycellm.wire`` frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from mycellm.errors import IdentityError, PeerError, ProtocolError
+from mycellm.identity import DeviceCertificate, NodeIdentity
+from mycellm.wire import ALPN, DEFAULT_MAX_FRAME_BYTES, FrameReader, WireMessage, encode_frame, error_message
+
+logger = logging.getLogger(__name__)
+
+# 2.25.<uuid>: an OID that needs no registration (ITU-T X.667); holds the CBOR device certificate.
+DEVICE_CERTIFICATE_OID = x509.ObjectIdentifier("2.25.226405873405232907463316624575412934913")
+REFUSED = 0x4D01  # application close code: the peer's identity was refused
+GOING_AWAY = 0x4D02  # application close code: orderly close (shutdown, duplicate link, dead peer)
+
+PeerCheck = Callable[[DeviceCertificate], None]
+StreamHandler = Callable[["PeerLink", "FrameStream"], Awaitable[None]]
+LinkHandler = Callable[["PeerLink"], Any]
+
+
+def tls_certificate(identity: NodeIdentity) -> x509.Certificate:
+    """A self-signed X.509 certificate for the device key, carrying the device certificate."""
+    device = identity.certificate
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device.peer_id[:64])])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(identity.device_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime.fromtimestamp(device.issued_at, datetime.UTC))
+        .not_valid_after(datetime.datetime.fromtimestamp(device.expires_at, datetime.UTC))
+        .add_extension(x509.UnrecognizedExtension(DEVICE_CERTIFICATE_OID, device.to_bytes()), critical=False)
+        .sign(identity.device_key, algorithm=None)
+    )
+
+
+def peer_certificate(certificate: x509.Certificate | None, now: float | None = None) -> DeviceCertificate:
+    """The device certificate a TLS certificate stands for; IdentityError when it does not hold."""
+    if certificate is None:
+        raise IdentityError("the peer presented no certificate")
+    try:
+        extension = certificate.extensions.get_extension_for_oid(DEVICE_CERTIFICATE_OID)
+    except x509.ExtensionNotFound as error:
+        raise IdentityError("the peer's certificate carries no device certificate") from error
+    except ValueError as error:
+        raise IdentityError(f"the peer's certificate extensions are malformed: {error}") from error
+    value = extension.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        raise IdentityError("the peer's device certificate extension is malformed")
+    device = DeviceCertificate.from_bytes(value.value)
+    key = certificate.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise IdentityError(f"the peer's TLS key is {type(key).__name__}, not Ed25519")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if raw != device.device_public_key:
+        raise IdentityError("the peer's TLS key is not the device key of its device certificate")
+    device.verify(now=now)
+    return device
+
+
+class FrameStream:
+    """One QUIC stream carrying wire frames; ``receive`` returns None once the peer ended it."""
+
+    def __init__(self, link: PeerLink, stream_id: int) -> None:
+        self.link = link
+        self.stream_id = stream_id
+        self._items: asyncio.Queue[WireMessage | BaseException | None] = asyncio.Queue()
+        self._ended = False  # we sent FIN (or reset)
+        self._done = False  # the peer ended it, reset it, or the link closed
+
+    def send(self, message: WireMessage, end: bool = False) -> None:
+        if self._ended:
+            raise PeerError(f"stream {self.stream_id} to {self.link.peer_id[:12]} is already ended")
+        self.link.send_raw(self.stream_id, encode_frame(message, self.link.max_frame_bytes), end)
+        self._ended = end
+
+    def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.link.send_raw(self.stream_id, b"", True)
+
+    def reset(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.link.reset_stream(self.stream_id)
+
+    async def receive(self, timeout_s: float | None = None) -> WireMessage | None:
+        """The next message; None when the peer ended the stream; PeerError on reset or link loss."""
+        try:
+            item = await asyncio.wait_for(self._items.get(), timeout=timeout_s)
+        except TimeoutError as error:
+            raise PeerError(f"no frame from {self.link.peer_id[:12]} within {timeout_s} s") from error
+        if isinstance(item, BaseException):
+            self._items.put_nowait(item)  # every later receive raises too
+            raise item
+        if item is None:
+            self._items.put_nowait(None)
+        return item
+
+    def _deliver(self, item: WireMessage | BaseException | None) -> None:
+        if not self._done:
+            self._done = item is None or isinstance(item, BaseException)
+            self._items.put_nowait(item)
+
+
+class PeerLink:
+    """An authenticated QUIC connection to one peer."""
+
+    def __init__(self, protocol: _LinkProtocol, certificate: DeviceCertificate, dialed: bool) -> None:
+        self._protocol = protocol
+        self.certificate = certificate
+        self.peer_id = certificate.peer_id
+        self.dialed = dialed
+        self.max_frame_bytes = protocol.max_frame_bytes
+        self.binding: bytes = protocol._quic.original_destination_connection_id
+        address = protocol._quic._network_paths[0].addr if protocol._quic._network_paths else ("?", 0)
+        self.remote_address: tuple[str, int] = (str(address[0]).removeprefix("::ffff:"), int(address[1]))
+        self.streams: dict[int, FrameStream] = {}
+        self.closed = False
+        self.close_reason = ""
+        self._closed_event = asyncio.Event()
+
+    def open_stream(self) -> FrameStream:
+        if self.closed:
+            raise PeerError(f"link to {self.peer_id[:12]} is closed: {self.close_reason}")
+        stream_id = self._protocol._quic.get_next_available_stream_id()
+        stream = FrameStream(self, stream_id)
+        self.streams[stream_id] = stream
+        return stream
+
+    def send_raw(self, stream_id: int, data: bytes, end: bool) -> None:
+        if self.closed:
+            raise PeerError(f"link to {self.peer_id[:12]} is closed: {self.close_reason}")
+        self._protocol._quic.send_stream_data(stream_id, data, end)
+        if end:
+            self._forget_if_done(stream_id)
+        self._protocol.transmit()
+
+    def reset_stream(self, stream_id: int) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):  # a stream aioquic already finished cannot be reset
+                self._protocol._quic.reset_stream(stream_id, GOING_AWAY)
+                self._protocol.transmit()
+        self.streams.pop(stream_id, None)
+
+    def close(self, reason: str = "closing", code: int = GOING_AWAY) -> None:
+        if not self.closed:
+            self._protocol._quic.close(error_code=code, reason_phrase=reason)
+            self._protocol.transmit()
+            self._mark_closed(reason)
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    def _mark_closed(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed, self.close_reason = True, reason
+        error = PeerError(f"link to {self.peer_id[:12]} closed: {reason}")
+        for stream in self.streams.values():
+            stream._deliver(error)
+        self.streams.clear()
+        self._closed_event.set()
+
+    def _forget_if_done(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream._ended and stream._done:
+            del self.streams[stream_id]
+
+
+class _LinkProtocol(QuicConnectionProtocol):
+    def __init__(self, quic: QuicConnection, *, endpoint: QuicEndpoint, **kwargs: Any) -> None:
+        super().__init__(quic, **kwargs)
+        self._endpoint = endpoint
+        self.max_frame_bytes = endpoint.max_frame_bytes
+        self.link: PeerLink | None = None
+        self.verified: asyncio.Future[PeerLink] = asyncio.get_running_loop().create_future()
+        self._readers: dict[int, FrameReader] = {}
+        if not quic.configuration.is_client:
+            # The private switch: make the server ask for (and so receive) a client certificate.
+            initialize = quic._initialize
+
+            def initialize_requesting_certificate(peer_cid: bytes) -> None:
+                initialize(peer_cid)
+                quic.tls._request_client_certificate = True
+
+            quic._initialize = initialize_requesting_certificate  # type: ignore[method-assign]
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            self._authenticate()
+        elif isinstance(event, events.StreamDataReceived):
+            if self.link is not None and not self.link.closed:
+                self._stream_data(self.link, event)
+        elif isinstance(event, events.StreamReset):
+            if self.link is not None:
+                stream = self.link.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream._deliver(PeerError(f"{self.link.peer_id[:12]} reset stream {event.stream_id}"))
+        elif isinstance(event, events.ConnectionTerminated):
+            reason = event.reason_phrase or f"error code {event.error_code:#x}"
+            self._endpoint._protocols.discard(self)
+            if not self.verified.done():
+                self.verified.set_exception(PeerError(f"connection refused or lost: {reason}"))
+            if self.link is not None:
+                self.link._mark_closed(reason)
+                self._endpoint._link_closed(self.link)
+
+    def _authenticate(self) -> None:
+        try:
+            device = peer_certificate(self._quic.tls._peer_certificate)
+            self._endpoint.check_peer(device)
+        except IdentityError as error:
+            logger.warning("refused a QUIC peer: %s", error.message)
+            self._quic.close(error_code=REFUSED, reason_phrase=f"refused: {error.message}"[:200])
+            self.transmit()
+            if not self.verified.done():
+                self.verified.set_exception(PeerError(f"peer refused: {error.message}", code="peer_refused"))
+            return
+        self.link = PeerLink(self, device, dialed=self._quic.configuration.is_client)
+        self._endpoint._link_opened(self.link)
+        if not self.verified.done():
+            self.verified.set_result(self.link)
+
+    def _stream_data(self, link: PeerLink, event: events.StreamDataReceived) -> None:
+        stream_id = event.stream_id
+        stream = link.streams.get(stream_id)
+        if stream is None:
+            if stream_id in self._readers or _locally_initiated(
+                stream_id, self._quic.configuration.is_client
+            ):
+                return  # data for a stream we already closed: drop it
+            stream = FrameStream(link, stream_id)
+            link.streams[stream_id] = stream
+            self._endpoint._stream_opened(link, stream)
+        reader = self._readers.setdefault(stream_id, FrameReader(self.max_frame_bytes))
+        for item in reader.feed(event.data):
+            if isinstance(item, ProtocolError):
+                # The peer is told at once; nothing that breaks the protocol reaches the handler.
+                with contextlib.suppress(Exception):
+                    stream.send(error_message(item), end=not item.recoverable)
+                if not item.recoverable:
+                    stream._deliver(item)
+                    link.reset_stream(stream_id)
+                    return
+            else:
+                stream._deliver(item)
+        if event.end_stream:
+            stream._deliver(None)
+            self._readers.pop(stream_id, None)
+            link._forget_if_done(stream_id)
+
+
+def _locally_initiated(stream_id: int, is_client: bool) -> bool:
+    return (stream_id & 1) == (0 if is_client else 1)
+
+
+class QuicEndpoint:
+    """Listens and dials; hands each authenticated link's incoming streams to ``on_stream``."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        *,
+        on_stream: StreamHandler,
+        check_peer: PeerCheck | None = None,
+        on_link: LinkHandler | None = None,
+        on_link_closed: LinkHandler | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        idle_timeout_s: float = 30.0,
+    ) -> None:
+        self.identity = identity
+        self.max_frame_bytes = max_frame_bytes
+        self.check_peer: PeerCheck = check_peer or (lambda _device: None)
+        self._on_stream = on_stream
+        self._on_link = on_link
+        self._on_link_closed = on_link_closed
+        self._idle_timeout_s = idle_timeout_s
+        self._certificate = tls_certificate(identity)
+        self._server: QuicServer | None = None
+        self._protocols: set[_LinkProtocol] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.links: set[PeerLink] = set()
+
+    def _configuration(self, is_client: bool) -> QuicConfiguration:
+        configuration = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            verify_mode=ssl.CERT_NONE,  # chain checks are ours: peer_certificate and check_peer
+            idle_timeout=self._idle_timeout_s,
+            max_datagram_frame_size=None,
+        )
+        configuration.certificate = self._certificate
+        configuration.private_key = self.identity.device_key
+        return configuration
+
+    def _protocol(self, quic: QuicConnection, **kwargs: Any) -> _LinkProtocol:
+        protocol = _LinkProtocol(quic, endpoint=self, **kwargs)
+        self._protocols.add(protocol)
+        return protocol
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start the server; returns the UDP port it bound (``port`` 0 picks a free one)."""
+        self._server = await serve(
+            host, port, configuration=self._configuration(False), create_protocol=self._protocol
+        )
+        transport = cast(asyncio.DatagramTransport, self._server._transport)
+        return int(transport.get_extra_info("sockname")[1])
+
+    async def connect(self, host: str, port: int, timeout_s: float = 5.0) -> PeerLink:
+        """Dial a peer and return the link once both certificates are verified."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM), timeout_s)
+        except (OSError, TimeoutError) as error:
+            raise PeerError(f"cannot resolve {host}:{port}: {error}") from error
+        family, _, _, _, address = infos[0]
+        configuration = self._configuration(True)
+        configuration.server_name = host
+        quic = QuicConnection(configuration=configuration)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            _, protocol = await loop.create_datagram_endpoint(lambda: self._protocol(quic), sock=sock)
+        except OSError as error:
+            sock.close()
+            raise PeerError(f"cannot open a UDP socket: {error}") from error
+        link_protocol = cast(_LinkProtocol, protocol)
+        try:
+            link_protocol.connect(address)
+            return await asyncio.wait_for(asyncio.shield(link_protocol.verified), timeout_s)
+        except TimeoutError as error:
+            link_protocol.close()
+            raise PeerError(f"no QUIC handshake with {host}:{port} within {timeout_s} s") from error
+        except BaseException:
+            link_protocol.close()
+            raise
+
+    def _link_opened(self, link: PeerLink) -> None:
+        self.links.add(link)
+        if self._on_link is not None:
+            self._spawn(self._on_link(link))
+
+    def _link_closed(self, link: PeerLink) -> None:
+        self.links.discard(link)
+        if self._on_link_closed is not None:
+            self._spawn(self._on_link_closed(link))
+
+    def _stream_opened(self, link: PeerLink, stream: FrameStream) -> None:
+        self._spawn(self._on_stream(link, stream))
+
+    def _spawn(self, result: Any) -> None:
+        if asyncio.iscoroutine(result):
+            task = asyncio.get_running_loop().create_task(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for link in list(self.links):
+            link.close("shutting down")
+        for protocol in list(self._protocols):
+            with contextlib.suppress(Exception):
+                protocol.close()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
