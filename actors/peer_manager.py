@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import ray
@@ -57,7 +57,9 @@ class _Workers:
         except ray.exceptions.RayError as error:
             raise unwrap_ray_error(error) from error
 
-    async def generate(self, request: GenerationRequest, peer_id: str) -> AsyncIterator[GenerationChunk]:
+    async def generate(
+        self, request: GenerationRequest, peer_id: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
         served = RequestTally(request.request_id, request.kind, request.model)
         route = rank_routes(self._routes, request.model)[0]
         served.route = route
@@ -78,7 +80,8 @@ class _Workers:
                         return
                 chunk = await self._call(worker.pull.remote(request.request_id, 30.0), 60.0)
         except BaseException as error:
-            served.fail(error)
+            if not finished:  # closing the generator after its final chunk is no failure
+                served.fail(error)
             raise
         finally:
             self.active -= 1

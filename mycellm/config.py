@@ -114,8 +114,8 @@ class NodeSettings(BaseSettings):
         if self.advertise_address:
             return self.advertise_address
         host = self.resolved_quic_host
-        if host in ("0.0.0.0", "::", ""):
-            return None
+        if host in ("0.0.0.0", "::", "") or self.quic_port == 0:
+            return None  # the node fills in the port it bound
         return join_address(host, self.quic_port)
 
     @classmethod

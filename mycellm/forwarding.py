@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol
 
 from mycellm.engines.base import (
@@ -47,7 +47,7 @@ class LocalServer(Protocol):
 
     def load(self) -> int: ...
 
-    def generate(self, request: GenerationRequest, peer_id: str) -> AsyncIterator[GenerationChunk]: ...
+    def generate(self, request: GenerationRequest, peer_id: str) -> AsyncGenerator[GenerationChunk, None]: ...
 
     async def embed(self, request: EmbeddingRequest, peer_id: str) -> EmbeddingResult: ...
 
@@ -71,7 +71,9 @@ class EngineServer:
                 return engine
         raise ModelNotFoundError(f"The model '{model}' is not served by this node", param="model")
 
-    async def generate(self, request: GenerationRequest, peer_id: str) -> AsyncIterator[GenerationChunk]:
+    async def generate(
+        self, request: GenerationRequest, peer_id: str
+    ) -> AsyncGenerator[GenerationChunk, None]:
         engine = self._engine(request.model)
         self._active += 1
         try:
@@ -177,6 +179,10 @@ class Forwarder:
             registry.outcome(peer_id, False)
             stream.reset()
             raise
+        except ProtocolError as error:
+            registry.outcome(peer_id, False)
+            stream.reset()
+            raise PeerError(f"peer {peer_id[:12]} broke the protocol: {error.message}") from error
         except asyncio.CancelledError:
             with contextlib.suppress(MycellmError):
                 stream.send(CancelMessage(reason="cancelled by the requester"), end=True)
@@ -202,6 +208,11 @@ class Forwarder:
         except asyncio.CancelledError:
             stream.reset()
             raise
+        except ProtocolError as error:
+            if error.recoverable:  # the transport already answered it with an error frame
+                stream.end()
+            else:
+                stream.reset()
         except MycellmError as error:
             with contextlib.suppress(MycellmError):
                 stream.send(error_message(error), end=True)
@@ -215,12 +226,17 @@ class Forwarder:
 
         async def watch() -> None:
             # A cancel frame, the requester ending its side, or a lost link stops the generation.
-            try:
-                while (message := await stream.receive()) is not None:
-                    if isinstance(message, CancelMessage):
-                        break
-            except PeerError:
-                pass
+            while True:
+                try:
+                    message = await stream.receive()
+                except ProtocolError as error:
+                    if error.recoverable:
+                        continue  # answered by the transport
+                    break
+                except PeerError:
+                    break
+                if message is None or isinstance(message, CancelMessage):
+                    break
             if not finished:
                 serving.cancel()
 

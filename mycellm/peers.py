@@ -141,7 +141,9 @@ class PeerService:
         if certificate.peer_id == self.peer_id:
             return  # a node dialing itself: refused after the hello as "self"
         if self.revocations.is_revoked(certificate):
-            raise IdentityError(f"device {certificate.peer_id[:12]} is revoked by account {certificate.account_id[:12]}")
+            raise IdentityError(
+                f"device {certificate.peer_id[:12]} is revoked by account {certificate.account_id[:12]}"
+            )
 
     def _hello(self, link: PeerLink) -> HelloMessage:
         return make_hello(
@@ -197,7 +199,9 @@ class PeerService:
             raise
         return self._open_session(link, reply, control, reply.address or dialed_address)
 
-    def _open_session(self, link: PeerLink, hello: HelloMessage, control: FrameStream, address: str | None) -> Session:
+    def _open_session(
+        self, link: PeerLink, hello: HelloMessage, control: FrameStream, address: str | None
+    ) -> Session:
         session = Session(link=link, hello=hello, control=control, address=address)
         existing = self.sessions.get(link.peer_id)
         if existing is not None and not existing.link.closed:
@@ -221,7 +225,9 @@ class PeerService:
         session.task = asyncio.create_task(self._control_loop(session))
         for message in self._greeting():
             self._send(session, message)
-        logger.info("peer %s (%s) connected, %d model(s)", link.peer_id[:12], hello.node_name, len(hello.models))
+        logger.info(
+            "peer %s (%s) connected, %d model(s)", link.peer_id[:12], hello.node_name, len(hello.models)
+        )
         self._on_change()
         return session
 
@@ -248,11 +254,18 @@ class PeerService:
             session.control.send(message)
 
     async def _control_loop(self, session: Session) -> None:
-        try:
-            while (message := await session.control.receive()) is not None:
-                self._on_control(session, message)
-        except PeerError:
-            pass
+        while True:
+            try:
+                message = await session.control.receive()
+            except ProtocolError as error:
+                if error.recoverable:
+                    continue  # answered by the transport; the control stream goes on
+                break
+            except PeerError:
+                break
+            if message is None:
+                break
+            self._on_control(session, message)
         self._drop(session, "control stream ended")
 
     def _on_control(self, session: Session, message: WireMessage) -> None:
@@ -262,7 +275,9 @@ class PeerService:
             sent = session.pings.get(message.seq)
             if sent is not None:
                 session.pings = {seq: at for seq, at in session.pings.items() if seq > message.seq}
-                self.registry.heard(session.peer_id, rtt_ms=(time.monotonic() - sent) * 1000, load=message.load)
+                self.registry.heard(
+                    session.peer_id, rtt_ms=(time.monotonic() - sent) * 1000, load=message.load
+                )
                 self._on_change()
         elif isinstance(message, PeersRequestMessage):
             self._send(session, PeersMessage(peers=self._shareable_peers(exclude=session.peer_id)))
@@ -337,7 +352,9 @@ class PeerService:
 
     def _wanted(self) -> list[str]:
         linked = {session.address for session in self._by_link.values()} | {
-            join_address(*session.link.remote_address) for session in self._by_link.values() if session.link.dialed
+            join_address(*session.link.remote_address)
+            for session in self._by_link.values()
+            if session.link.dialed
         }
         wanted = [address for address in self._settings.bootstrap_peers if address not in linked]
         room = self._settings.max_peers - len(self.sessions)
@@ -426,7 +443,9 @@ class PeerService:
                 if self.revocations.accept(revocations):
                     accepted.append(revocations)
             except IdentityError as error:
-                logger.warning("refused a revocation list from %s: %s", (source or "disk")[:12], error.message)
+                logger.warning(
+                    "refused a revocation list from %s: %s", (source or "disk")[:12], error.message
+                )
         if not accepted:
             return
         try:

@@ -13,7 +13,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, cast, get_args
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
@@ -288,8 +288,8 @@ _ERROR_CODES: tuple[tuple[type[MycellmError], ErrorCode], ...] = (
 def error_message(error: BaseException) -> ErrorMessage:
     """The error frame that tells a peer why its request failed."""
     if isinstance(error, ProtocolError):
-        code: ErrorCode = error.code if error.code in ErrorCode.__args__ else "bad_frame"  # type: ignore[attr-defined]
-        return ErrorMessage(code=code, message=error.message[:2000])
+        code = error.code if error.code in get_args(ErrorCode) else "bad_frame"
+        return ErrorMessage(code=cast(ErrorCode, code), message=error.message[:2000])
     for error_type, wire_code in _ERROR_CODES:
         if isinstance(error, error_type):
             return ErrorMessage(code=wire_code, message=error.message[:2000])

@@ -118,9 +118,20 @@ class NodeProcess:
             raise
 
     def kill(self) -> None:
+        """SIGKILL the node's process group, then wait until its HTTP port is closed.
+
+        Ray's processes notice their driver's death on their own, a moment later; a restart on the
+        same port must wait for the old HTTP proxy to be gone.
+        """
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    if probe.connect_ex(("127.0.0.1", self.port)) != 0:
+                        return
+                time.sleep(0.2)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

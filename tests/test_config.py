@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mycellm.config import BUNDLED_MODEL, ModelSettings, NodeSettings, load_settings
+from mycellm.config import BUNDLED_MODEL, ModelSettings, load_settings
 from mycellm.errors import ConfigError
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
@@ -216,10 +216,20 @@ def test_database_url_setting_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert load_settings(data_dir=tmp_path).resolved_database_url == "postgresql+asyncpg://u@127.0.0.1:5/db"
 
 
-def test_no_model_at_all_is_a_config_error() -> None:
-    error = config_error(models=[])
-    assert "model" in error.message
-    assert isinstance(load_settings(models=[], model="/m/a.gguf"), NodeSettings)
+def test_a_node_without_models_relays_and_peer_addresses_are_checked() -> None:
+    relay = load_settings(models=[], bootstrap_peers=["seed.example.org:8421", "[::1]:9"])
+    assert relay.model_entries == ()
+    assert relay.resolved_advertise_address == "127.0.0.1:8421"
+    assert load_settings(host="0.0.0.0").resolved_advertise_address is None
+    assert load_settings(quic_port=0).resolved_advertise_address is None  # filled in once bound
+    assert (
+        load_settings(advertise_address="node.example.org:7").resolved_advertise_address
+        == "node.example.org:7"
+    )
+    error = config_error(bootstrap_peers=["no-port"])
+    assert "'no-port' is not host:port" in error.message
+    assert "not host:port" in config_error(advertise_address="host:99999").message
+    assert config_error(heartbeat_misses=0).param == "heartbeat_misses"
 
 
 # -- the command line ---------------------------------------------------------------------------

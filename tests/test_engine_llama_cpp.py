@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import EmbeddingRequest, GenerationRequest, collect
+from mycellm.engines.base import RESUME_UNSUPPORTED, EmbeddingRequest, GenerationRequest, collect
 from mycellm.engines.llama_cpp import LlamaCppEngine, resolve_model_path
 from mycellm.errors import ContextLengthError, EngineError, InvalidRequestError, UnsupportedParameterError
 
@@ -160,3 +160,110 @@ async def test_generation_before_start_fails() -> None:
     engine = LlamaCppEngine(ModelSettings())
     with pytest.raises(EngineError, match="not loaded"):
         await collect(engine.generate(chat("x")))
+
+
+# -- resuming a generation from its continuation ------------------------------------------------
+
+MOON = "Tell me about the moon."
+COUNTING = "1, 2, 3, 4, 5, 6,"
+
+
+def counting(**options: object) -> GenerationRequest:
+    return GenerationRequest(request_id="r", model="m", prompt=COUNTING, temperature=0, seed=1, **options)
+
+
+def continuation_tokens(engine: LlamaCppEngine, prompt: str, continuation: str) -> int:
+    """The continuation's tokens by the rule the engines follow: prompt and continuation tokenized together."""
+    llama = engine._llama
+    assert llama is not None
+    whole = llama.tokenize((prompt + continuation).encode(), add_bos=False, special=True)
+    alone = llama.tokenize(prompt.encode(), add_bos=False, special=True)
+    return max(0, len(whole) - len(alone))
+
+
+async def test_a_resumed_chat_streams_only_new_text_with_the_whole_usage(engine: LlamaCppEngine) -> None:
+    plain_chunks = [
+        chunk async for chunk in engine.generate(chat(MOON, max_tokens=24, temperature=0, seed=1))
+    ]
+    plain = plain_chunks[-1]
+    assert plain.finish_reason == "length" and plain.usage is not None
+    assert plain.usage.completion_tokens == 24
+    continuation = "".join(chunk.text for chunk in plain_chunks[:8])
+    assert engine._formatter is not None
+    prompt = engine._formatter(messages=[{"role": "user", "content": MOON}]).prompt
+    # The model's own text tokenizes back to the tokens it came from, 8 of them.
+    assert continuation_tokens(engine, prompt, continuation) == 8
+
+    chunks = [
+        chunk
+        async for chunk in engine.generate(
+            chat(MOON, max_tokens=24, temperature=0, seed=1, continuation=continuation)
+        )
+    ]
+    final = chunks[-1]
+    assert final.usage is not None and final.finish_reason == "length"
+    assert final.usage.prompt_tokens == plain.usage.prompt_tokens
+    # 8 tokens of continuation and 16 new ones: the whole answer as one generation.
+    assert final.usage.completion_tokens == 24
+    text = "".join(chunk.text for chunk in chunks)
+    assert text and not text.startswith(continuation.strip())
+    llama = engine._llama
+    assert llama is not None
+    new_tokens = len(llama.tokenize(text.encode(), add_bos=False, special=False))
+    assert abs(new_tokens - 16) <= 2  # the continuation was not sent again
+
+
+async def test_a_continuation_that_fills_max_tokens_ends_at_once(engine: LlamaCppEngine) -> None:
+    plain = await collect(engine.generate(chat(MOON, max_tokens=12, temperature=0, seed=1)))
+    assert plain.finish_reason == "length"
+    for max_tokens in (12, 5):
+        result = await collect(
+            engine.generate(chat(MOON, max_tokens=max_tokens, temperature=0, continuation=plain.text))
+        )
+        assert (result.text, result.finish_reason) == ("", "length")
+        assert result.usage.prompt_tokens == plain.usage.prompt_tokens
+        # The continuation counts whole, even where it is longer than max_tokens.
+        assert result.usage.completion_tokens == plain.usage.completion_tokens
+
+
+async def test_a_resumed_completion_counts_the_continuation(engine: LlamaCppEngine) -> None:
+    plain = await collect(engine.generate(counting(max_tokens=12)))
+    resumed = await collect(engine.generate(counting(max_tokens=12, continuation=" 7, 8", echo=True)))
+    assert resumed.usage.prompt_tokens == plain.usage.prompt_tokens
+    added = continuation_tokens(engine, COUNTING, " 7, 8")
+    assert added == 5  # digits, commas and spaces are tokens of their own
+    assert resumed.finish_reason == "length"
+    assert resumed.usage.completion_tokens == 12
+    # A resumed request does not echo the prompt again (the earlier attempt sent it).
+    assert not resumed.text.startswith(COUNTING)
+    assert resumed.text.startswith(", 9")  # the count goes on after the continuation
+
+
+async def test_a_stop_string_across_the_seam_stops(engine: LlamaCppEngine) -> None:
+    resumed = await collect(engine.generate(counting(max_tokens=12, continuation=" 7, 8")))
+    assert resumed.text.startswith(", 9")
+    # " 8, 9" starts in the continuation and ends in the new text.
+    stopped = await collect(engine.generate(counting(max_tokens=12, continuation=" 7, 8", stop=(" 8, 9",))))
+    assert (stopped.text, stopped.finish_reason) == ("", "stop")
+    assert 5 < stopped.usage.completion_tokens < 12
+    # " 8, 7" holds back the continuation's " 8" until it cannot match: that text is not sent again.
+    held = await collect(engine.generate(counting(max_tokens=12, continuation=" 7, 8", stop=(" 8, 7",))))
+    assert held.text == resumed.text
+    assert held.finish_reason == "length"
+
+
+async def test_a_constrained_generation_cannot_be_resumed(engine: LlamaCppEngine) -> None:
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    constrained = (
+        chat("x", continuation="{", response_format={"type": "json_object"}),
+        chat("x", continuation="{", tools=(tool,), tool_choice="required"),
+    )
+    for request in constrained:
+        with pytest.raises(EngineError, match="cannot resume a constrained generation") as caught:
+            await collect(engine.generate(request))
+        assert caught.value.code == RESUME_UNSUPPORTED
+    # Plain text output is not constrained.
+    result = await collect(
+        engine.generate(chat("x", max_tokens=2, continuation="Hi", response_format={"type": "text"}))
+    )
+    assert result.usage.completion_tokens >= 1

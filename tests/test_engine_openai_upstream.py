@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import EmbeddingRequest, GenerationRequest, InferenceEngine, collect
+from mycellm.engines.base import (
+    RESUME_UNSUPPORTED,
+    EmbeddingRequest,
+    GenerationRequest,
+    InferenceEngine,
+    collect,
+)
 from mycellm.engines.openai_upstream import OpenAIUpstreamEngine
 from mycellm.errors import EngineError, InvalidRequestError, ModelNotFoundError, UpstreamError
 from tests.fake_upstream import (
@@ -275,3 +281,108 @@ async def test_generation_before_start_is_an_engine_error(upstream: FakeUpstream
     engine = OpenAIUpstreamEngine(settings_for(upstream))
     with pytest.raises(EngineError, match="not started"):
         await collect(engine.generate(chat()))
+
+
+# -- resuming a generation from its continuation ------------------------------------------------
+
+
+def completion(**fields: Any) -> GenerationRequest:
+    return GenerationRequest(request_id="req-5", model="alpha", prompt="One two three", **fields)
+
+
+async def test_a_resumed_completion_sends_the_continuation_as_prompt(
+    engine: OpenAIUpstreamEngine, upstream: FakeUpstream
+) -> None:
+    continuation = " four five six"  # 14 characters: 3 tokens by the quarter-token estimate
+    result = await collect(engine.generate(completion(max_tokens=10, echo=True, continuation=continuation)))
+    sent = upstream.requests[-1]
+    assert sent["prompt"] == "One two three four five six"
+    assert sent["max_tokens"] == 10 - 3
+    assert sent["echo"] is False  # the earlier attempt sent the prompt
+    assert result.text == "".join(COMPLETION_PIECES)
+    # The upstream's prompt count as it is (it includes the continuation); the continuation's
+    # estimate added to the new tokens.
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (6, len(COMPLETION_PIECES) + 3)
+
+
+async def test_a_resumed_chat_continues_a_final_assistant_message(
+    engine: OpenAIUpstreamEngine, upstream: FakeUpstream
+) -> None:
+    continuation = "Hi there, "  # 10 characters: 2 tokens
+    result = await collect(engine.generate(chat(max_tokens=50, continuation=continuation)))
+    sent = upstream.requests[-1]
+    assert sent["messages"][-1] == {"role": "assistant", "content": continuation}
+    assert sent["messages"][:-1] == list(chat().messages or ())
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+    assert sent["max_tokens"] == 48
+    assert result.text == "".join(CHAT_PIECES)
+    assert result.usage.completion_tokens == len(CHAT_PIECES) + 2
+
+
+async def test_a_continuation_that_fills_max_tokens_ends_without_asking_the_upstream(
+    engine: OpenAIUpstreamEngine, upstream: FakeUpstream
+) -> None:
+    before = len(upstream.requests)
+    result = await collect(engine.generate(completion(max_tokens=3, continuation="x" * 12)))
+    assert (result.text, result.finish_reason) == ("", "length")
+    assert result.usage.completion_tokens == 3
+    assert result.usage.prompt_tokens > 0  # estimated: the upstream was not asked
+    assert len(upstream.requests) == before
+
+
+async def test_a_stop_string_across_the_seam_stops_a_resumed_generation(
+    engine: OpenAIUpstreamEngine, upstream: FakeUpstream
+) -> None:
+    # The fake answers " and so on"; "four and" starts in the continuation.
+    stopped = await collect(engine.generate(completion(continuation=" four", stop=("four and",))))
+    assert (stopped.text, stopped.finish_reason) == ("", "stop")
+    assert upstream.requests[-1]["stop"] == ["four and"]
+    # "four or" holds back the continuation's "four" until it cannot match: it is not sent again.
+    held = await collect(engine.generate(completion(continuation=" four", stop=("four or",))))
+    assert held.text == "".join(COMPLETION_PIECES)
+    # The same for a chat, and for an upstream that ignores stream=true.
+    for model in ("alpha", "no-stream"):
+        stopped = await collect(engine.generate(chat(model, continuation="Oh!", stop=("!Hello",))))
+        assert (stopped.text, stopped.finish_reason) == ("", "stop")
+        assert stopped.usage.completion_tokens >= 1
+
+
+async def test_a_constrained_generation_cannot_be_resumed(
+    engine: OpenAIUpstreamEngine, upstream: FakeUpstream
+) -> None:
+    before = len(upstream.requests)
+    constrained = (
+        chat(continuation="{", response_format={"type": "json_object"}),
+        chat(continuation="{", tools=(WEATHER_TOOL,), tool_choice="required"),
+        chat(
+            continuation="{",
+            tools=(WEATHER_TOOL,),
+            tool_choice={"type": "function", "function": {"name": "weather"}},
+        ),
+    )
+    for request in constrained:
+        with pytest.raises(EngineError, match="cannot resume a constrained generation") as caught:
+            await collect(engine.generate(request))
+        assert caught.value.code == RESUME_UNSUPPORTED
+    assert len(upstream.requests) == before
+
+
+async def test_an_upstream_that_rejects_the_resume_is_an_engine_error(engine: OpenAIUpstreamEngine) -> None:
+    # OpenAI itself answers 400 to the fields that ask to continue the final message.
+    with pytest.raises(EngineError, match="upstream cannot resume a chat generation") as caught:
+        await collect(engine.generate(chat("fail-400", continuation="Hi")))
+    assert not isinstance(caught.value, InvalidRequestError)
+    assert caught.value.code == RESUME_UNSUPPORTED
+
+
+async def test_a_stop_found_across_the_seam_disconnects_from_the_upstream(
+    engine: OpenAIUpstreamEngine, upstream: FakeUpstream
+) -> None:
+    upstream.disconnected.clear()
+    before = upstream.disconnects
+    async with asyncio.timeout(5):
+        result = await collect(engine.generate(chat("slow", continuation="Oh!", stop=("!Hello",))))
+    assert (result.text, result.finish_reason) == ("", "stop")
+    # collect() leaves the generator open after the last chunk: the response was closed before it.
+    assert upstream.disconnected.wait(5)
+    assert upstream.disconnects == before + 1

@@ -9,12 +9,21 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import EmbeddingRequest, GenerationRequest, InferenceEngine, collect
+from mycellm.engines.base import (
+    RESUME_UNSUPPORTED,
+    ContinuationStopMatcher,
+    EmbeddingRequest,
+    GenerationRequest,
+    InferenceEngine,
+    collect,
+)
 from mycellm.engines.vllm import VllmEngine, json_constraint
 from mycellm.errors import (
     ContextLengthError,
@@ -97,6 +106,205 @@ def test_response_format_becomes_a_json_constraint() -> None:
         json_constraint({"type": "xml"})
 
 
+# -- resuming a generation, on a fake of vLLM (the GPU is not there) ---------------------------
+
+BOS = 1
+ANSWER = "The sky is blue because the air scatters blue light more than red light."
+
+
+class CharacterTokenizer:
+    """One token per character, so text and tokens round-trip exactly; a BOS for completion prompts."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([BOS] if add_special_tokens else []) + [ord(character) for character in text]
+
+    def decode(self, tokens: list[int]) -> str:
+        return "".join(chr(token) for token in tokens if token != BOS)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tokenize: bool, add_generation_prompt: bool, **options: Any
+    ) -> str:
+        text = "".join(f"<{message['role']}>{message['content']}\n" for message in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+class FakeSamplingParams:
+    """Stands for vllm.SamplingParams: keeps the options it was built with."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+
+@dataclass
+class FakeCompletion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class FakeOutput:
+    prompt_token_ids: list[int]
+    outputs: list[FakeCompletion]
+    finished: bool
+
+
+class FakeVllm:
+    """Stands for vLLM's AsyncLLMEngine: it "generates" ANSWER one character (token) at a time,
+    going on from the part of ANSWER the prompt already ends with, with vLLM's cumulative outputs,
+    its max_tokens, and its stop strings matched in the new text only and held back while they
+    may still match."""
+
+    def __init__(self) -> None:
+        self.prompts: list[list[int]] = []
+        self.sampling: list[dict[str, Any]] = []
+        self.aborted: list[str] = []
+        self.tokenizer = CharacterTokenizer()
+
+    def generate(
+        self, inputs: dict[str, list[int]], sampling: FakeSamplingParams, request_id: str
+    ) -> AsyncIterator[FakeOutput]:
+        self.prompts.append(inputs["prompt_token_ids"])
+        self.sampling.append(sampling.options)
+        return self._outputs(inputs["prompt_token_ids"], sampling.options)
+
+    async def _outputs(self, prompt: list[int], options: dict[str, Any]) -> AsyncIterator[FakeOutput]:
+        text = self.tokenizer.decode(prompt)
+        already = max(size for size in range(len(ANSWER) + 1) if text.endswith(ANSWER[:size]))
+        stops: list[str] = options["stop"] or []
+        produced = ""
+        for character in ANSWER[already:]:
+            produced += character
+            tokens = [ord(character) for character in produced]
+            found = [produced.find(stop) for stop in stops if stop in produced]
+            if found:
+                yield FakeOutput(prompt, [FakeCompletion(produced[: min(found)], tokens, "stop")], True)
+                return
+            if len(produced) >= options["max_tokens"]:
+                yield FakeOutput(prompt, [FakeCompletion(produced, tokens, "length")], True)
+                return
+            held = max(
+                (size for stop in stops for size in range(1, len(stop)) if produced.endswith(stop[:size])),
+                default=0,
+            )
+            yield FakeOutput(prompt, [FakeCompletion(produced[: len(produced) - held], tokens, None)], False)
+        tokens = [ord(character) for character in produced]
+        yield FakeOutput(prompt, [FakeCompletion(produced, tokens, "stop")], True)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+@pytest.fixture
+def fake_vllm() -> FakeVllm:
+    return FakeVllm()
+
+
+@pytest.fixture
+def faked(fake_vllm: FakeVllm) -> VllmEngine:
+    engine = VllmEngine(ModelSettings(backend="vllm", path="Org/Some-Model", context_tokens=400))
+    engine._engine, engine._tokenizer = fake_vllm, fake_vllm.tokenizer
+    engine._sampling_params = FakeSamplingParams
+    return engine
+
+
+async def test_the_fake_generates_the_answer_with_exact_usage(faked: VllmEngine) -> None:
+    result = await collect(faked.generate(chat("Why is the sky blue?", max_tokens=20)))
+    assert (result.text, result.finish_reason) == (ANSWER[:20], "length")
+    prompt = "<user>Why is the sky blue?\n<assistant>"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(prompt), 20)
+
+
+async def test_a_resumed_chat_streams_only_new_text_with_the_whole_usage(
+    faked: VllmEngine, fake_vllm: FakeVllm
+) -> None:
+    chunks = [
+        chunk
+        async for chunk in faked.generate(
+            chat("Why is the sky blue?", max_tokens=20, continuation=ANSWER[:8])
+        )
+    ]
+    assert "".join(chunk.text for chunk in chunks) == ANSWER[8:20]
+    final = chunks[-1]
+    assert final.finish_reason == "length" and final.usage is not None
+    prompt = "<user>Why is the sky blue?\n<assistant>"
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (len(prompt), 20)
+    assert fake_vllm.prompts[-1] == CharacterTokenizer().encode(prompt + ANSWER[:8], add_special_tokens=False)
+    assert fake_vllm.sampling[-1]["max_tokens"] == 12
+
+
+async def test_a_resumed_completion_is_not_echoed_and_counts_its_bos(
+    faked: VllmEngine, fake_vllm: FakeVllm
+) -> None:
+    request = GenerationRequest(
+        request_id="c", model="any", prompt="Sky? ", max_tokens=30, echo=True, continuation=ANSWER[:7]
+    )
+    result = await collect(faked.generate(request))
+    assert result.text == ANSWER[7:30]
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (1 + len("Sky? "), 30)
+    assert fake_vllm.prompts[-1][0] == BOS
+
+
+async def test_a_continuation_that_fills_max_tokens_ends_without_generating(
+    faked: VllmEngine, fake_vllm: FakeVllm
+) -> None:
+    for max_tokens in (20, 5):
+        result = await collect(
+            faked.generate(chat("Why is the sky blue?", max_tokens=max_tokens, continuation=ANSWER[:20]))
+        )
+        assert (result.text, result.finish_reason, result.usage.completion_tokens) == ("", "length", 20)
+    assert fake_vllm.prompts == []
+
+
+async def test_a_stop_string_across_the_seam_stops_and_frees_the_request(
+    faked: VllmEngine, fake_vllm: FakeVllm
+) -> None:
+    continuation = "The sky is b"
+    # "is blue" starts in the continuation: vLLM, which matches its new text only, would go on.
+    stopped = await collect(
+        faked.generate(chat("Why?", max_tokens=40, continuation=continuation, stop=("is blue",)))
+    )
+    assert (stopped.text, stopped.finish_reason) == ("", "stop")
+    assert stopped.usage.completion_tokens == len(continuation) + len("lue")
+    assert len(fake_vllm.aborted) == 1
+    # "is bold" holds the continuation's "is b" back until it cannot match: it is not sent again.
+    held = await collect(
+        faked.generate(chat("Why?", max_tokens=40, continuation=continuation, stop=("is bold",)))
+    )
+    assert held.text == ANSWER[len(continuation) : 40]
+    # A stop wholly in the new text is vLLM's to match, as without a continuation.
+    cut = await collect(faked.generate(chat("Why?", max_tokens=40, continuation=continuation, stop=("air",))))
+    assert (cut.text, cut.finish_reason) == ("lue because the ", "stop")
+
+
+async def test_a_constrained_generation_cannot_be_resumed(faked: VllmEngine, fake_vllm: FakeVllm) -> None:
+    request = chat("x", continuation="{", response_format={"type": "json_object"})
+    with pytest.raises(EngineError, match="cannot resume a constrained generation") as caught:
+        await collect(faked.generate(request))
+    assert caught.value.code == RESUME_UNSUPPORTED
+    assert fake_vllm.prompts == []
+
+
+def test_the_continuation_stop_matcher_never_sends_the_continuation_again() -> None:
+    # A stop that straddles the seam.
+    matcher = ContinuationStopMatcher(("xyz",), "abc xy")
+    assert matcher.feed("z and more") == "" and matcher.stopped
+    # A held tail released when it cannot match any more: only new text comes out.
+    matcher = ContinuationStopMatcher(("xyz", "yq"), "abc xy")
+    assert (matcher.feed("w"), matcher.feed("v"), matcher.flush()) == ("w", "v", "")
+    # A shorter stop found inside the held tail stops without sending the tail's head.
+    matcher = ContinuationStopMatcher(("xyz", "yq"), "abc xy")
+    assert matcher.feed("q") == "" and matcher.stopped
+    # A continuation that ends in a stop string has stopped already.
+    assert ContinuationStopMatcher(("xyz", "c"), "abc").stopped
+    # Without stops, or with only one-character ones, the continuation changes nothing.
+    assert ContinuationStopMatcher((), "abc xy").feed("zq") == "zq"
+    assert ContinuationStopMatcher(("q",), "abc xy").feed("zq") == "z"
+    # Text held at the end (a possible stop) is flushed, the continuation's part excepted.
+    matcher = ContinuationStopMatcher(("xyz",), "abc x")
+    assert (matcher.feed("y"), matcher.flush()) == ("", "y")
+
+
 # -- on a CUDA GPU with vLLM --------------------------------------------------------------------
 
 
@@ -154,6 +362,28 @@ class TestOnGpu:
     async def test_a_prompt_over_the_window_is_a_context_length_error(self, engine: VllmEngine) -> None:
         with pytest.raises(ContextLengthError, match=str(GPU_CONTEXT_TOKENS)):
             await collect(engine.generate(chat("word " * (GPU_CONTEXT_TOKENS * 2))))
+
+    async def test_a_resumed_generation_counts_the_whole_answer(self, engine: VllmEngine) -> None:
+        request = chat("Write a long story about the sea.", max_tokens=16, temperature=0, seed=1)
+        chunks = [chunk async for chunk in engine.generate(request)]
+        plain = chunks[-1]
+        assert plain.finish_reason == "length" and plain.usage is not None
+        continuation = "".join(chunk.text for chunk in chunks[:-1])[:20]
+        tokenizer = engine._tokenizer
+        prompt = tokenizer.apply_chat_template(
+            list(request.messages or ()), tokenize=False, add_generation_prompt=True
+        )
+        added = len(tokenizer.encode(prompt + continuation, add_special_tokens=False)) - len(
+            tokenizer.encode(prompt, add_special_tokens=False)
+        )
+        resumed = chat(
+            "Write a long story about the sea.", max_tokens=16, temperature=0, continuation=continuation
+        )
+        result = await collect(engine.generate(resumed))
+        assert result.finish_reason == "length"
+        assert result.usage.prompt_tokens == plain.usage.prompt_tokens
+        assert result.usage.completion_tokens == 16
+        assert 0 < added < 16 and not result.text.startswith(continuation)
 
     async def test_closing_early_aborts_and_the_engine_goes_on(self, engine: VllmEngine) -> None:
         stream = engine.generate(chat("Write a very long story.", max_tokens=800))

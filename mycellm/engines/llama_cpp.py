@@ -20,6 +20,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from mycellm.config import BUNDLED_MODEL, ModelSettings
 from mycellm.engines.base import (
+    ContinuationStopMatcher,
     EmbeddingRequest,
     EmbeddingResult,
     FinishReason,
@@ -28,9 +29,10 @@ from mycellm.engines.base import (
     ModelInfo,
     ToolCall,
     Usage,
+    continuation_budget,
+    resume_refused,
 )
 from mycellm.engines.grammar import compile_grammar, response_format_grammar, tool_grammar_for
-from mycellm.engines.stops import StopMatcher
 from mycellm.errors import (
     ContextLengthError,
     EngineError,
@@ -72,8 +74,10 @@ class _Prepared:
     """A request turned into tokens and sampling choices, checked against the context window."""
 
     request: GenerationRequest
-    tokens: list[int]
-    max_new_tokens: int
+    tokens: list[int]  # the prompt, then the continuation of a resumed generation
+    prompt_tokens: int  # the prompt alone
+    continuation_tokens: int
+    max_new_tokens: int  # zero or less when the continuation already used the budget
     stops: tuple[str, ...]
     grammar_text: str | None
     grammar_is_schema: bool
@@ -215,29 +219,45 @@ class LlamaCppEngine:
                 raise InvalidRequestError(
                     f"messages cannot be rendered by the chat template: {error}", param="messages"
                 ) from error
-            tokens = llama.tokenize(
-                formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
-            )
+            prompt_text, add_bos = formatted.prompt, not formatted.added_special
             stops.extend(stop for stop in (formatted.stop or []) if isinstance(stop, str))
             param = "messages"
         else:
             assert request.prompt is not None
-            tokens = llama.tokenize(
-                request.prompt.encode("utf-8"), add_bos=llama._model.add_bos_token(), special=True
-            )
+            prompt_text, add_bos = request.prompt, llama._model.add_bos_token()
             param = "prompt"
-        limit = llama.n_ctx()
-        if len(tokens) >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens, but the {param} has {len(tokens)} tokens.",
-                param=param,
-            )
-        room = limit - len(tokens)
-        max_new = min(request.max_tokens, room) if request.max_tokens else room
         grammar_text, is_schema = tool_grammar, tool_grammar is not None
         if grammar_text is None and request.response_format:
             grammar_text, is_schema = response_format_grammar(request.response_format)
-        return _Prepared(request, tokens, max_new, tuple(stops), grammar_text, is_schema, forced_tool)
+        if request.continuation and grammar_text is not None:
+            # A grammar's state cannot be rebuilt from text produced under it by another engine.
+            raise resume_refused("cannot resume a constrained generation")
+        prompt = llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos, special=True)
+        limit = llama.n_ctx()
+        if len(prompt) >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens, but the {param} has {len(prompt)} tokens.",
+                param=param,
+            )
+        tokens = prompt
+        if request.continuation:
+            # Tokenized together, as one generation would have had them; text merges at the seam
+            # may make the count differ from the earlier attempt's by a token.
+            text = prompt_text + request.continuation
+            tokens = llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        continuation_tokens = max(0, len(tokens) - len(prompt))
+        max_new = continuation_budget(request.max_tokens, continuation_tokens, room=limit - len(tokens))
+        return _Prepared(
+            request=request,
+            tokens=tokens,
+            prompt_tokens=len(prompt),
+            continuation_tokens=continuation_tokens,
+            max_new_tokens=max_new,
+            stops=tuple(stops),
+            grammar_text=grammar_text,
+            grammar_is_schema=is_schema,
+            forced_tool=forced_tool,
+        )
 
     def _run(
         self,
@@ -267,13 +287,20 @@ class LlamaCppEngine:
         grammar = compile_grammar(prepared.grammar_text, prepared.grammar_is_schema)
         llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = StopMatcher(prepared.stops)
+        matcher = ContinuationStopMatcher(prepared.stops, request.continuation)
         vocab = llama._model.vocab
         produced = 0
-        finish: FinishReason = "length"
+        finish: FinishReason = "stop" if matcher.stopped else "length"
         tool_text: list[str] = []
-        if request.echo and request.prompt is not None:
+        if request.echo and request.prompt is not None and not request.continuation:
             emit(GenerationChunk(text=request.prompt))
+        if prepared.max_new_tokens <= 0 or matcher.stopped:
+            # A continuation that used the whole budget (or the context), or ends in a stop string.
+            usage = Usage(
+                prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.continuation_tokens
+            )
+            emit(GenerationChunk(finish_reason=finish, usage=usage))
+            return
         for token in llama.generate(
             prepared.tokens,
             temp=request.temperature,
@@ -303,7 +330,9 @@ class LlamaCppEngine:
             if produced >= prepared.max_new_tokens:
                 break
         tail = matcher.feed(decoder.decode(b"", final=True)) + matcher.flush()
-        usage = Usage(prompt_tokens=len(prepared.tokens), completion_tokens=produced)
+        usage = Usage(
+            prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.continuation_tokens + produced
+        )
         if prepared.forced_tool is not None:
             call = ToolCall(
                 id=f"call_{uuid.uuid4().hex[:24]}",

@@ -13,6 +13,7 @@ import httpx
 
 from mycellm.config import ModelSettings
 from mycellm.engines.base import (
+    ContinuationStopMatcher,
     EmbeddingRequest,
     EmbeddingResult,
     FinishReason,
@@ -21,8 +22,15 @@ from mycellm.engines.base import (
     ModelInfo,
     ToolCall,
     Usage,
+    resume_refused,
 )
-from mycellm.engines.upstream_wire import ERROR_TEXT_MAX_CHARS, error_fields, generation_payload, parse_json
+from mycellm.engines.upstream_wire import (
+    ERROR_TEXT_MAX_CHARS,
+    error_fields,
+    estimate_tokens,
+    generation_payload,
+    parse_json,
+)
 from mycellm.errors import (
     ConfigError,
     ContextLengthError,
@@ -64,6 +72,7 @@ class _StreamState:
     usage: dict[str, Any] | None = None
     characters: int = 0  # generated text and tool arguments, for estimating usage
     deltas: int = 0
+    continuation_tokens: int = 0  # the estimated tokens of a resumed request's continuation
     tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
 
 
@@ -147,8 +156,24 @@ class OpenAIUpstreamEngine:
     # -- generation -------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one generation; a resumed one as GenerationRequest and generation_payload say."""
         client = self._require_client()
-        path, payload = generation_payload(request, self._upstream_model(request.model))
+        # The upstream has no tokenizer to offer: the continuation's tokens are estimated.
+        continuation_tokens = estimate_tokens(request.continuation)
+        path, payload = generation_payload(request, self._upstream_model(request.model), continuation_tokens)
+        state = _StreamState(continuation_tokens=continuation_tokens)
+        # The upstream matches stop strings in its new text only; one that starts in the
+        # continuation is matched here.
+        matcher = (
+            ContinuationStopMatcher(request.stop, request.continuation) if request.continuation else None
+        )
+        if matcher is not None and matcher.stopped:
+            state.finish_reason = "stop"
+        elif request.max_tokens is not None and continuation_tokens >= request.max_tokens:
+            state.finish_reason = "length"
+        if state.finish_reason is not None:  # a continuation that already ends the answer
+            yield self._final_chunk(state, request)
+            return
         try:
             response = await client.send(client.build_request("POST", path, json=payload), stream=True)
         except httpx.HTTPError as error:
@@ -156,15 +181,15 @@ class OpenAIUpstreamEngine:
         # The finally closes the HTTP response on every exit, an early aclose() of this generator
         # included, so the upstream sees the disconnect and stops generating.
         try:
-            state = _StreamState()
             try:
                 if response.status_code >= 400:
                     await response.aread()
-                    raise self._status_error(response.status_code, response.text, request.model)
+                    raise self._generation_status_error(response.status_code, response.text, request)
                 if response.headers.get("content-type", "").startswith("application/json"):
                     # A server that ignored stream=true: take the whole answer as one event.
                     await response.aread()
                     text = self._absorb(state, parse_json(response.text, self._base_url), request)
+                    text = _matched(matcher, state, text)
                     if text:
                         yield GenerationChunk(text=text)
                     state.finish_reason = state.finish_reason or "stop"
@@ -176,14 +201,29 @@ class OpenAIUpstreamEngine:
                         if isinstance(event, str):  # "[DONE]"
                             state.finish_reason = state.finish_reason or "stop"
                             break
-                        text = self._absorb(state, event, request)
+                        text = _matched(matcher, state, self._absorb(state, event, request))
                         if text:
                             yield GenerationChunk(text=text)
+                        if matcher is not None and matcher.stopped:
+                            break  # closing the response stops the upstream; usage is estimated
             except httpx.HTTPError as error:
                 raise self._transport_error(error) from error
+            if matcher is not None and (text := matcher.flush()):
+                yield GenerationChunk(text=text)
+            # Closed before the last chunk, after which a caller may leave this generator open: an
+            # upstream cut short by a stop found here must stop generating now.
+            await response.aclose()
             yield self._final_chunk(state, request)
         finally:
             await response.aclose()
+
+    def _generation_status_error(self, status: int, body: str, request: GenerationRequest) -> MycellmError:
+        error = self._status_error(status, body, request.model)
+        if request.continuation and isinstance(error, InvalidRequestError):
+            # The client's request was accepted before; what this upstream refuses is the resume
+            # (OpenAI itself rejects the fields that ask to continue the final assistant message).
+            return resume_refused(f"upstream cannot resume a {request.kind} generation: {error.message}")
+        return error
 
     def _parse_sse_line(self, line: str) -> dict[str, Any] | str | None:
         """One SSE line: None for lines without data, ``"[DONE]"``, or the decoded event."""
@@ -266,6 +306,11 @@ class OpenAIUpstreamEngine:
         The estimate is a quarter token per character of the prompt (the messages as JSON, whose
         overhead stands in for the chat template) and of the output, and at least one token per
         streamed delta. It is logged, because the ledger bills it.
+
+        A resumed request adds the continuation's estimated tokens to the completion. The prompt
+        count stays the upstream's, which includes the continuation (it was sent as prompt): the
+        continuation is counted twice, which is kept over subtracting an estimate from the
+        upstream's exact count, since that could undercount the prompt.
         """
         reported = state.usage or {}
         prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
@@ -276,14 +321,16 @@ class OpenAIUpstreamEngine:
         if isinstance(prompt, int) and prompt >= 0 and (prompt > 0 or not prompt_text):
             prompt_tokens = prompt
         else:
-            prompt_tokens = max(1, len(prompt_text) // 4) if prompt_text else 0
+            prompt_tokens = estimate_tokens(prompt_text)
             self._warn_estimate("prompt")
         if isinstance(completion, int) and completion >= 0:
             completion_tokens = completion
         else:
             completion_tokens = max(state.deltas, state.characters // 4)
             self._warn_estimate("completion")
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        return Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens + state.continuation_tokens
+        )
 
     def _warn_estimate(self, what: str) -> None:
         # Once at WARNING so the operator knows billing is estimated; then DEBUG to spare the log.
@@ -366,3 +413,13 @@ class OpenAIUpstreamEngine:
     def _redact(self, text: str) -> str:
         # Upstreams sometimes echo the key they rejected; it must never reach a log or a client.
         return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+
+def _matched(matcher: ContinuationStopMatcher | None, state: _StreamState, text: str) -> str:
+    """New text through the stop matcher of a resumed request; a stop it finds ends the generation."""
+    if matcher is None:
+        return text
+    text = matcher.feed(text)
+    if matcher.stopped:
+        state.finish_reason = "stop"
+    return text

@@ -13,6 +13,7 @@ from typing import Any
 
 from mycellm.config import ModelSettings
 from mycellm.engines.base import (
+    ContinuationStopMatcher,
     EmbeddingRequest,
     EmbeddingResult,
     FinishReason,
@@ -20,6 +21,8 @@ from mycellm.engines.base import (
     GenerationRequest,
     ModelInfo,
     Usage,
+    continuation_budget,
+    resume_refused,
 )
 from mycellm.errors import (
     ContextLengthError,
@@ -119,37 +122,66 @@ class VllmEngine:
         if self._engine is None or self._tokenizer is None:
             raise EngineError(f"model {self._name} is not loaded")
         engine = self._engine
-        tokens, param = await asyncio.to_thread(self._tokenize, request)
+        prompt_tokens, tokens, param = await asyncio.to_thread(self._tokenize, request)
         limit = self.context_tokens
-        if len(tokens) >= limit:
+        if prompt_tokens >= limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens, "
-                f"but the {param} has {len(tokens)} tokens.",
+                f"but the {param} has {prompt_tokens} tokens.",
                 param=param,
             )
-        sampling = self._sampling(request, room=limit - len(tokens))
+        if request.continuation and json_constraint(request.response_format) is not None:
+            raise resume_refused("cannot resume a constrained generation")
+        continuation_tokens = max(0, len(tokens) - prompt_tokens)
+        max_new = continuation_budget(request.max_tokens, continuation_tokens, room=limit - len(tokens))
+        # vLLM matches stop strings in its new text only; one that starts in the continuation is
+        # matched here.
+        matcher = (
+            ContinuationStopMatcher(request.stop, request.continuation) if request.continuation else None
+        )
+        if max_new <= 0 or (matcher is not None and matcher.stopped):
+            # A continuation that used the whole budget (or the context), or ends in a stop string.
+            ended: FinishReason = "stop" if matcher is not None and matcher.stopped else "length"
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=continuation_tokens)
+            yield GenerationChunk(finish_reason=ended, usage=usage)
+            return
+        sampling = self._sampling(request, max_tokens=max_new)
         # A caller may reuse a request id (a retry); vLLM needs it unique among running requests.
         request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         outputs = engine.generate({"prompt_token_ids": tokens}, sampling, request_id)
         finished = False
         sent = ""
         try:
-            if request.echo and request.prompt is not None:
+            if request.echo and request.prompt is not None and not request.continuation:
                 yield GenerationChunk(text=request.prompt)
             async for output in outputs:
                 completion = output.outputs[0]
                 # vLLM's outputs are cumulative; stop strings are held back until they cannot match,
                 # so the text only grows.
                 text = completion.text
+                delta = ""
                 if len(text) > len(sent) and text.startswith(sent):
                     delta, sent = text[len(sent) :], text
+                if matcher is not None:
+                    delta = matcher.feed(delta)
+                    if output.finished or matcher.stopped:
+                        delta += matcher.flush()
+                if delta:
                     yield GenerationChunk(text=delta)
+                usage = Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=continuation_tokens + len(completion.token_ids),
+                )
+                if matcher is not None and matcher.stopped:
+                    # vLLM would go on: free its slot now, not when this generator is closed.
+                    finished = True
+                    await self._abort(outputs, request_id)
+                    yield GenerationChunk(finish_reason="stop", usage=usage)
+                    return
                 if output.finished:
                     finished = True
                     if completion.finish_reason == "abort":
                         raise EngineError(f"vLLM aborted the generation of {self._name}")
-                    prompt_tokens = len(output.prompt_token_ids or tokens)
-                    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(completion.token_ids))
                     finish: FinishReason = "length" if completion.finish_reason == "length" else "stop"
                     yield GenerationChunk(finish_reason=finish, usage=usage)
                     return
@@ -175,10 +207,24 @@ class VllmEngine:
         except Exception as error:  # cleanup must not hide the reason the stream ended
             logger.warning("could not abort vLLM request %s: %s", request_id, error)
 
-    def _tokenize(self, request: GenerationRequest) -> tuple[list[int], str]:
+    def _tokenize(self, request: GenerationRequest) -> tuple[int, list[int], str]:
+        """The prompt's token count, the tokens to generate after (the prompt, then the
+        continuation of a resumed request) and the request field that holds the prompt."""
+        text, param = self._prompt_text(request)
+        # A completion prompt gets the tokenizer's special tokens (BOS); a rendered chat template
+        # already holds them.
+        special = request.messages is None
+        prompt = list(self._tokenizer.encode(text, add_special_tokens=special))
+        if not request.continuation:
+            return len(prompt), prompt, param
+        # Tokenized together, as one generation would have had them.
+        tokens = list(self._tokenizer.encode(text + request.continuation, add_special_tokens=special))
+        return len(prompt), tokens, param
+
+    def _prompt_text(self, request: GenerationRequest) -> tuple[str, str]:
         tokenizer = self._tokenizer
         if request.messages is None:
-            return list(tokenizer.encode(request.prompt or "")), "prompt"
+            return request.prompt or "", "prompt"
         if isinstance(request.tool_choice, dict) or request.tool_choice == "required":
             raise UnsupportedParameterError(
                 "the vLLM engine cannot force a tool call; use tool_choice 'auto'", param="tool_choice"
@@ -192,13 +238,12 @@ class VllmEngine:
             raise InvalidRequestError(
                 f"messages cannot be rendered by the chat template of {self._name}: {error}", param="messages"
             ) from error
-        # The rendered template already holds the special tokens (BOS and the like).
-        return list(tokenizer.encode(text, add_special_tokens=False)), "messages"
+        return str(text), "messages"
 
-    def _sampling(self, request: GenerationRequest, room: int) -> Any:
+    def _sampling(self, request: GenerationRequest, max_tokens: int) -> Any:
         options: dict[str, Any] = {
-            # vLLM's default is 16 tokens; OpenAI's is "until the context is full".
-            "max_tokens": min(request.max_tokens or room, room),
+            # Always set: vLLM's default is 16 tokens; OpenAI's is "until the context is full".
+            "max_tokens": max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "seed": request.seed,

@@ -122,6 +122,8 @@ class FrameStream:
             item = await asyncio.wait_for(self._items.get(), timeout=timeout_s)
         except TimeoutError as error:
             raise PeerError(f"no frame from {self.link.peer_id[:12]} within {timeout_s} s") from error
+        if isinstance(item, ProtocolError) and item.recoverable:
+            raise item  # already answered with an error frame; the stream goes on
         if isinstance(item, BaseException):
             self._items.put_nowait(item)  # every later receive raises too
             raise item
@@ -131,7 +133,8 @@ class FrameStream:
 
     def _deliver(self, item: WireMessage | BaseException | None) -> None:
         if not self._done:
-            self._done = item is None or isinstance(item, BaseException)
+            recoverable = isinstance(item, ProtocolError) and item.recoverable
+            self._done = item is None or (isinstance(item, BaseException) and not recoverable)
             self._items.put_nowait(item)
 
 
@@ -271,8 +274,8 @@ class _LinkProtocol(QuicConnectionProtocol):
                 # The peer is told at once; nothing that breaks the protocol reaches the handler.
                 with contextlib.suppress(Exception):
                     stream.send(error_message(item), end=not item.recoverable)
+                stream._deliver(item)  # the reader learns of it too (a request stream then ends)
                 if not item.recoverable:
-                    stream._deliver(item)
                     link.reset_stream(stream_id)
                     return
             else:
