@@ -266,6 +266,30 @@ def status(url: UrlOption = DEFAULT_URL, as_json: Annotated[bool, typer.Option("
 
 
 @app.command()
+def peers(url: UrlOption = DEFAULT_URL, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the peers a node knows: state, address, round trip, load, models, success rate."""
+    data = _get(_node_root(url), "/v1/node/peers")
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    console.print(f"QUIC {data.get('address') or '-'}  connected {len(data['connected'])}")
+    table = Table("peer", "name", "state", "address", "rtt ms", "load", "success", "models")
+    for peer in data["data"]:
+        rtt = peer.get("rtt_ms")
+        table.add_row(
+            peer["peer_id"][:16],
+            str(peer.get("node_name") or "-"),
+            peer["state"],
+            str(peer.get("address") or "-"),
+            "-" if rtt is None else f"{rtt:.1f}",
+            str(peer.get("load", 0)),
+            f"{peer.get('success_rate', 1.0):.2f}",
+            ", ".join(model["name"] for model in peer.get("models", [])),
+        )
+    console.print(table)
+
+
+@app.command()
 def chat(
     url: UrlOption = DEFAULT_URL,
     model: Annotated[str, typer.Option("--model", help="Model id, or 'auto'.")] = "auto",

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mycellm.config import NodeSettings, join_address, split_address
-from mycellm.devices import RevocationBook, RevocationList, load_revocation_list
+from mycellm.devices import RevocationList
 from mycellm.errors import IdentityError, MycellmError, PeerError, ProtocolError
 from mycellm.forwarding import Forwarder, LocalServer
 from mycellm.identity import DeviceCertificate, NodeIdentity
 from mycellm.peer_registry import PeerRecord, PeerRegistry
+from mycellm.revocation_keeper import RevocationKeeper
 from mycellm.transport.quic import FrameStream, PeerLink, QuicEndpoint
 from mycellm.wire import (
     ErrorMessage,
@@ -44,7 +45,6 @@ DIAL_TIMEOUT_S = 5.0
 DIAL_TICK_S = 0.25
 FIRST_BACKOFF_S = 0.5
 REGISTRY_FILE = "peers.json"
-KNOWN_REVOCATIONS_FILE = "known-revocations.cbor"
 
 
 @dataclass
@@ -86,11 +86,8 @@ class PeerService:
         self._local = local
         self._on_change = on_change or (lambda: None)
         data_dir = settings.resolved_data_dir
-        self._data_dir = data_dir
         self.registry = PeerRegistry(data_dir / REGISTRY_FILE)
-        self._revocations_path = data_dir / KNOWN_REVOCATIONS_FILE
-        self.revocations = self._load_book()
-        self._own_revocations_mtime: float | None = None
+        self.revocations = RevocationKeeper(data_dir)
         self._hellos = HelloChecker(self.peer_id)
         self.endpoint = QuicEndpoint(
             identity,
@@ -115,7 +112,7 @@ class PeerService:
         self.port = await self.endpoint.listen(self._settings.resolved_quic_host, self._settings.quic_port)
         if self.address is None and self._settings.resolved_quic_host not in ("0.0.0.0", "::"):
             self.address = join_address(self._settings.resolved_quic_host, self.port)
-        self._refresh_own_revocations()
+        self._revocations_arrived(self.revocations.refresh_own(), source=None)
         self._tasks = [
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._dialer()),
@@ -288,7 +285,8 @@ class PeerService:
                         split_address(entry.address)
                         self.registry.learn(entry.peer_id, entry.address)
         elif isinstance(message, RevocationsMessage):
-            self._accept_revocations(message.lists, source=session.peer_id)
+            accepted = self.revocations.accept(message.lists, source=session.peer_id)
+            self._revocations_arrived(accepted, source=session.peer_id)
         elif isinstance(message, ErrorMessage):
             logger.warning("peer %s reported: %s %s", session.peer_id[:12], message.code, message.message)
         else:
@@ -336,7 +334,7 @@ class PeerService:
                     seq = next(self._seq)
                     session.pings[seq] = time.monotonic()
                     self._send(session, PingMessage(seq=seq, sent_at=time.time()))
-                self._refresh_own_revocations()
+                self._revocations_arrived(self.revocations.refresh_own(), source=None)
                 await self.forwarder.reap(max(30.0, self._settings.stream_idle_timeout_s))
                 self.registry.save()
             except Exception:  # supervisor loop: log and go on
@@ -413,45 +411,10 @@ class PeerService:
 
     # -- revocations --------------------------------------------------------------------------
 
-    def _load_book(self) -> RevocationBook:
-        try:
-            if self._revocations_path.exists():
-                return RevocationBook.from_bytes(self._revocations_path.read_bytes())
-        except (OSError, IdentityError) as error:
-            logger.warning("ignoring %s: %s", self._revocations_path, error)
-        return RevocationBook()
-
-    def _refresh_own_revocations(self) -> None:
-        path = self._data_dir / "identity" / "revocations.cbor"
-        try:
-            mtime = path.stat().st_mtime if path.exists() else None
-            if mtime is None or mtime == self._own_revocations_mtime:
-                return
-            self._own_revocations_mtime = mtime
-            own = load_revocation_list(self._data_dir)
-        except (OSError, IdentityError) as error:
-            logger.warning("cannot read this account's revocations: %s", error)
-            return
-        if own is not None:
-            self._accept_revocations((own.to_bytes(),), source=None)
-
-    def _accept_revocations(self, encoded: tuple[bytes, ...], source: str | None) -> None:
-        accepted: list[RevocationList] = []
-        for data in encoded:
-            try:
-                revocations = RevocationList.from_bytes(data)
-                if self.revocations.accept(revocations):
-                    accepted.append(revocations)
-            except IdentityError as error:
-                logger.warning(
-                    "refused a revocation list from %s: %s", (source or "disk")[:12], error.message
-                )
+    def _revocations_arrived(self, accepted: list[RevocationList], source: str | None) -> None:
+        """Drop links of newly revoked devices and pass the new lists on to the other peers."""
         if not accepted:
             return
-        try:
-            self._revocations_path.write_bytes(self.revocations.to_bytes())
-        except OSError as error:
-            logger.warning("cannot save revocations: %s", error)
         for session in list(self._by_link.values()):
             if self.revocations.is_revoked(session.link.certificate):
                 self._drop(session, "device revoked")

@@ -21,7 +21,7 @@ from mycellm.engines.base import InferenceEngine
 from mycellm.forwarding import EngineServer
 from mycellm.identity import load_or_create_identity
 from mycellm.peers import PeerService
-from mycellm.transport.quic import DEVICE_CERTIFICATE_OID
+from mycellm.transport.certificates import DEVICE_CERTIFICATE_OID
 from mycellm.wire import ALPN
 
 

@@ -4,6 +4,8 @@ C dies mid-stream and the stream goes on from B, the registry notices, C comes b
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -114,6 +116,15 @@ def test_the_network_forms_and_lists_every_model_with_where_it_is_served(network
     assert routes[BUNDLED] == {network.ids["b"], network.ids["c"]}
     record = next(peer for peer in network.peers_of_a()["data"] if peer["peer_id"] == network.ids["c"])
     assert record["state"] == "alive" and record["node_name"] == "c" and record["rtt_ms"] is not None
+    shown = subprocess.run(
+        [sys.executable, "-m", "mycellm", "peers", "--url", f"{network.a.url}/v1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": "/tmp"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert network.ids["c"][:16] in shown.stdout and "alive" in shown.stdout and "smol-c" in shown.stdout
 
 
 def test_a_model_only_on_c_is_streamed_through_a(network: Network, via_a: openai.OpenAI) -> None:
