@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from mycellm.errors import EngineError, MycellmError
+from mycellm.errors import EngineError, MycellmError, RequestCancelledError
 
 
 def unwrap_ray_error(error: ray.exceptions.RayError) -> MycellmError:
@@ -15,5 +15,7 @@ def unwrap_ray_error(error: ray.exceptions.RayError) -> MycellmError:
             return cause
         return EngineError(f"an actor failed: {type(cause).__name__}: {cause}")
     if isinstance(error, ray.exceptions.TaskCancelledError):
-        return EngineError("the call was cancelled")
+        # Serve cancels the calls a request made when its client leaves: a cancellation, not a
+        # failure of the route (which would be retried elsewhere and counted against it).
+        return RequestCancelledError("the call was cancelled")
     return EngineError(f"an actor is unavailable: {type(error).__name__}")
