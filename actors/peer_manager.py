@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -28,6 +29,9 @@ from mycellm.routing import Route, rank_routes
 logger = logging.getLogger(__name__)
 
 ROUTE_PUSH_DELAY_S = 0.1
+# A peer's stream crosses four processes per chunk (worker, both PeerManagers, the ingress) on
+# cores the engine also decodes on: gathering 50 ms of tokens per frame keeps that cost small.
+PEER_CHUNK_INTERVAL_S = 0.05
 
 
 class _Workers:
@@ -68,6 +72,7 @@ class _Workers:
         self.active += 1
         try:
             chunk = await self._call(worker.open.remote(request, self._timeout_s))
+            sent_at = time.monotonic()
             served.mark_first_token()
             while True:
                 if chunk is not None:
@@ -76,8 +81,12 @@ class _Workers:
                         served.completion_tokens = chunk.usage.completion_tokens
                     finished = chunk.is_final
                     yield chunk
+                    sent_at = time.monotonic()
                     if finished:
                         return
+                pause = PEER_CHUNK_INTERVAL_S - (time.monotonic() - sent_at)
+                if pause > 0:
+                    await asyncio.sleep(pause)
                 chunk = await self._call(worker.pull.remote(request.request_id, 30.0), 60.0)
         except BaseException as error:
             if not finished:  # closing the generator after its final chunk is no failure

@@ -294,3 +294,33 @@ def test_c_comes_back_and_is_used_again(network: Network, via_a: openai.OpenAI) 
         model="smol-c", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
     )
     assert raw.headers["x-mycellm-routed-to"] == network.ids["c"]
+
+
+def test_a_route_that_fails_before_any_output_is_replaced_by_the_next(network: Network) -> None:
+    # A non-streamed answer sends nothing before it is whole: C dies while generating it, and A
+    # asks B instead. The client sees one normal answer.
+    result: dict[str, httpx.Response] = {}
+
+    def ask() -> None:
+        result["response"] = httpx.post(
+            f"{network.a.url}/v1/completions",
+            json={"model": BUNDLED, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 400, "temperature": 0},
+            timeout=120,
+        )
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    _wait(lambda: _served_on(network.c), 10, "C to start generating")
+    network.c.kill()
+    asker.join(timeout=120)
+    response = result["response"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-mycellm-routed-to"] == network.ids["b"]
+    body = response.json()
+    assert body["mycellm"]["served_by"] == network.ids["b"]
+    assert body["usage"]["completion_tokens"] == 400 and body["choices"][0]["finish_reason"] == "length"
+
+
+def _served_on(node: NodeProcess) -> bool:
+    workers = httpx.get(f"{node.url}/v1/node/status", timeout=10).json()["workers"]
+    return any(worker["active_requests"] > 0 for worker in workers)
