@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
@@ -41,16 +41,7 @@ DEVICES_DIR = "devices"  # <data_dir>/identity/devices/<peer_id>.cert: certifica
 PEER_ID_PREFIX_MIN_CHARS = 8
 
 
-def _decode(what: str, data: bytes, max_bytes: int, max_depth: int) -> Any:
-    if len(data) > max_bytes:
-        raise IdentityError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte cap")
-    try:
-        return cbor2.loads(data, max_depth=max_depth, allow_duplicate_keys=False)
-    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as error:
-        raise IdentityError(f"{what} is not valid CBOR: {error}") from error
-
-
-class RevocationList(BaseModel):
+class RevocationList(identity.CanonicalModel):
     """An account key's signed, numbered list of the device keys it no longer vouches for."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -74,35 +65,16 @@ class RevocationList(BaseModel):
         """Canonical CBOR of every field but the signature: the bytes the account key signs."""
         return cbor2.dumps(self.model_dump(exclude={"signature"}), canonical=True)
 
-    def to_bytes(self) -> bytes:
-        """Canonical CBOR map of every field, signature included."""
-        return cbor2.dumps(self.model_dump(), canonical=True)
-
     @classmethod
     def from_bytes(cls, data: bytes) -> RevocationList:
         """Parse a revocation list; checks the size cap before decoding. Does not verify the signature."""
-        decoded = _decode("revocation list", data, REVOCATION_LIST_MAX_BYTES, max_depth=4)
-        if not isinstance(decoded, dict):
-            raise IdentityError(f"revocation list is not a CBOR map but {type(decoded).__name__}")
-        expected = set(cls.model_fields)
-        missing = sorted(expected - decoded.keys())
-        extra = sorted(repr(key) for key in decoded.keys() - expected)
-        if missing:
-            raise IdentityError(f"revocation list lacks field(s): {', '.join(missing)}")
-        if extra:
-            raise IdentityError(f"revocation list has unexpected field(s): {', '.join(extra)}")
-        if decoded["version"] != REVOCATION_LIST_VERSION or type(decoded["version"]) is not int:
-            raise IdentityError(f"revocation list version {decoded['version']!r} is not supported")
-        if isinstance(decoded["revoked"], list):
-            decoded["revoked"] = tuple(decoded["revoked"])  # CBOR arrays decode as lists
-        try:
-            revocations = cls.model_validate(decoded)
-        except ValidationError as error:
-            raise IdentityError(f"revocation list is malformed: {identity._describe(error)}") from error
-        # Signed bytes must have one encoding only; this also rejects trailing bytes.
-        if revocations.to_bytes() != data:
-            raise IdentityError("revocation list is not in canonical CBOR encoding")
-        return revocations
+        return cls.parse_canonical(
+            data,
+            what="revocation list",
+            max_bytes=REVOCATION_LIST_MAX_BYTES,
+            version=REVOCATION_LIST_VERSION,
+            tuples=("revoked",),
+        )
 
     def verify(self) -> None:
         """Check that the account key signed this list; raises IdentityError if not."""
@@ -179,7 +151,7 @@ class RevocationBook:
     @classmethod
     def from_bytes(cls, data: bytes) -> RevocationBook:
         """Parse and re-verify a book; checks the size cap before decoding; raises IdentityError."""
-        decoded = _decode("revocation book", data, REVOCATION_BOOK_MAX_BYTES, max_depth=2)
+        decoded = identity.decode_cbor("revocation book", data, REVOCATION_BOOK_MAX_BYTES, max_depth=2)
         if not isinstance(decoded, list) or not all(isinstance(item, bytes) for item in decoded):
             raise IdentityError("revocation book is not a CBOR array of encoded revocation lists")
         book = cls()

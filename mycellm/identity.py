@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import cbor2
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -51,7 +51,63 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
 
 
-class DeviceCertificate(BaseModel):
+def decode_cbor(what: str, data: bytes, max_bytes: int, max_depth: int) -> Any:
+    """CBOR ``data`` after checking the size cap; IdentityError naming ``what`` if it is not CBOR."""
+    if len(data) > max_bytes:
+        raise IdentityError(f"{what} is {len(data)} bytes, over the {max_bytes}-byte cap")
+    try:
+        return cbor2.loads(data, max_depth=max_depth, allow_duplicate_keys=False)
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as error:
+        raise IdentityError(f"{what} is not valid CBOR: {error}") from error
+
+
+SignedModel = TypeVar("SignedModel", bound="CanonicalModel")
+
+
+class CanonicalModel(BaseModel):
+    """A signed value stored as a canonical CBOR map of exactly its fields."""
+
+    def to_bytes(self) -> bytes:
+        """Canonical CBOR map of every field, signature included."""
+        return cbor2.dumps(self.model_dump(), canonical=True)
+
+    @classmethod
+    def parse_canonical(
+        cls: type[SignedModel],
+        data: bytes,
+        *,
+        what: str,
+        max_bytes: int,
+        version: int,
+        tuples: tuple[str, ...] = (),
+    ) -> SignedModel:
+        """Strict parse: size cap before decoding, exact fields, version, one encoding only."""
+        decoded = decode_cbor(what, data, max_bytes, max_depth=4)
+        if not isinstance(decoded, dict):
+            raise IdentityError(f"{what} is not a CBOR map but {type(decoded).__name__}")
+        expected = set(cls.model_fields)
+        missing = sorted(expected - decoded.keys())
+        extra = sorted(repr(key) for key in decoded.keys() - expected)
+        if missing:
+            raise IdentityError(f"{what} lacks field(s): {', '.join(missing)}")
+        if extra:
+            raise IdentityError(f"{what} has unexpected field(s): {', '.join(extra)}")
+        if decoded["version"] != version or type(decoded["version"]) is not int:
+            raise IdentityError(f"{what} version {decoded['version']!r} is not supported")
+        for name in tuples:
+            if isinstance(decoded[name], list):
+                decoded[name] = tuple(decoded[name])  # CBOR arrays decode as lists
+        try:
+            parsed = cls.model_validate(decoded)
+        except ValidationError as error:
+            raise IdentityError(f"{what} is malformed: {_describe(error)}") from error
+        # Signed bytes must have one encoding only; this also rejects trailing bytes.
+        if parsed.to_bytes() != data:
+            raise IdentityError(f"{what} is not in canonical CBOR encoding")
+        return parsed
+
+
+class DeviceCertificate(CanonicalModel):
     """An account key's statement that a device key belongs to it, for a role, name and time span."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -69,40 +125,12 @@ class DeviceCertificate(BaseModel):
         """Canonical CBOR of every field but the signature: the bytes the account key signs."""
         return cbor2.dumps(self.model_dump(exclude={"signature"}), canonical=True)
 
-    def to_bytes(self) -> bytes:
-        """Canonical CBOR map of every field, signature included."""
-        return cbor2.dumps(self.model_dump(), canonical=True)
-
     @classmethod
     def from_bytes(cls, data: bytes) -> DeviceCertificate:
         """Parse a certificate; checks the size cap before decoding. Does not verify the signature."""
-        if len(data) > CERTIFICATE_MAX_BYTES:
-            raise IdentityError(
-                f"device certificate is {len(data)} bytes, over the {CERTIFICATE_MAX_BYTES}-byte cap"
-            )
-        try:
-            decoded = cbor2.loads(data, max_depth=4, allow_duplicate_keys=False)
-        except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as error:
-            raise IdentityError(f"device certificate is not valid CBOR: {error}") from error
-        if not isinstance(decoded, dict):
-            raise IdentityError(f"device certificate is not a CBOR map but {type(decoded).__name__}")
-        expected = set(cls.model_fields)
-        missing = sorted(expected - decoded.keys())
-        extra = sorted(repr(key) for key in decoded.keys() - expected)
-        if missing:
-            raise IdentityError(f"device certificate lacks field(s): {', '.join(missing)}")
-        if extra:
-            raise IdentityError(f"device certificate has unexpected field(s): {', '.join(extra)}")
-        if decoded["version"] != CERTIFICATE_VERSION or type(decoded["version"]) is not int:
-            raise IdentityError(f"device certificate version {decoded['version']!r} is not supported")
-        try:
-            certificate = cls.model_validate(decoded)
-        except ValidationError as error:
-            raise IdentityError(f"device certificate is malformed: {_describe(error)}") from error
-        # Signed bytes must have one encoding only; this also rejects trailing bytes.
-        if certificate.to_bytes() != data:
-            raise IdentityError("device certificate is not in canonical CBOR encoding")
-        return certificate
+        return cls.parse_canonical(
+            data, what="device certificate", max_bytes=CERTIFICATE_MAX_BYTES, version=CERTIFICATE_VERSION
+        )
 
     def verify_signature(self) -> None:
         """Check that the account key signed this certificate; raises IdentityError if not."""

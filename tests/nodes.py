@@ -13,6 +13,20 @@ from pathlib import Path
 
 import httpx
 
+# A grammar that forbids ending before 2000 characters of text: the answer cannot stop early, so
+# a test that cancels it cannot pass on a natural stop.
+LONG_JSON = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "essay",
+        "schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 2000}},
+            "required": ["text"],
+        },
+    },
+}
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

@@ -17,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from tests.nodes import NodeProcess
+from tests.nodes import LONG_JSON, NodeProcess
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(600)]
 
@@ -182,19 +182,6 @@ def test_routing_options_that_cannot_be_met_give_422(network: Network) -> None:
         timeout=60,
     )
     assert response.status_code == 200 and response.headers["x-mycellm-routed-to"] == network.ids["c"]
-
-
-LONG_JSON = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "essay",
-        "schema": {
-            "type": "object",
-            "properties": {"text": {"type": "string", "minLength": 2000}},
-            "required": ["text"],
-        },
-    },
-}
 
 
 def test_a_client_that_leaves_cancels_the_generation_on_the_remote_node(network: Network) -> None:

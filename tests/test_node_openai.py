@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from tests.nodes import LONG_JSON
+
 pytestmark = pytest.mark.node
 
 LONG_PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
@@ -235,20 +237,6 @@ def wait_until_idle_and_cancelled(node, endpoint: str) -> None:
             return
         time.sleep(0.25)
     pytest.fail(f"the request was not recorded as cancelled: {records}")
-
-
-# A grammar that forbids ending before 2000 characters of text: the answer cannot stop early.
-LONG_JSON = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "essay",
-        "schema": {
-            "type": "object",
-            "properties": {"text": {"type": "string", "minLength": 2000}},
-            "required": ["text"],
-        },
-    },
-}
 
 
 def test_client_disconnect_cancels_streaming_generation(node, model_name: str) -> None:

@@ -28,6 +28,7 @@ from mycellm.wire import (
     encode_frame,
     make_hello,
 )
+from tests.nodes import LONG_JSON
 from tests.peer_kit import crafted_certificate, peer_service, refusal_reason, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,19 +99,6 @@ async def test_a_relay_streams_cancels_and_embeds_through_its_peer(
     finally:
         await relay.stop()
         await seeder.stop()
-
-
-LONG_JSON = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "essay",
-        "schema": {
-            "type": "object",
-            "properties": {"text": {"type": "string", "minLength": 2000}},
-            "required": ["text"],
-        },
-    },
-}
 
 
 async def test_heartbeats_notice_a_silent_peer_and_redial_it(tmp_path: Path) -> None:
