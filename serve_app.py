@@ -423,14 +423,7 @@ class NodeIngress:
                     logger.warning("could not cancel %s: %s", current, error)
 
     def _finish(self, served: RequestTally) -> None:
-        self._metrics.in_flight.dec()
         record = served.to_record()
-        route = record.route_kind if record else "none"
-        self._metrics.requests.labels(served.endpoint, served.model, route, served.outcome).inc()
-        self._metrics.request_duration.labels(served.endpoint, served.model).observe(served.elapsed_s)
-        if served.time_to_first_token_s is not None and served.endpoint != "embedding":
-            self._metrics.time_to_first_token.labels(served.model).observe(served.time_to_first_token_s)
-        self._metrics.prompt_tokens.labels(served.model).inc(served.prompt_tokens)
-        self._metrics.completion_tokens.labels(served.model).inc(served.completion_tokens)
+        self._metrics.observe(served, record.route_kind if record else "none")
         if record is not None:  # None: rejected before routing, nothing was served
             self._ledger.record_request.remote(record)  # fire and forget: off the response path

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from mycellm.ledger.tally import RequestTally
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -44,6 +46,16 @@ class NodeMetrics:
         self.in_flight = Gauge(
             "mycellm_requests_in_flight", "Requests being answered", registry=self.registry
         )
+
+    def observe(self, served: RequestTally, route_kind: str) -> None:
+        """Count one finished request (any outcome) under its endpoint, model and route."""
+        self.in_flight.dec()
+        self.requests.labels(served.endpoint, served.model, route_kind, served.outcome).inc()
+        self.request_duration.labels(served.endpoint, served.model).observe(served.elapsed_s)
+        if served.time_to_first_token_s is not None and served.endpoint != "embedding":
+            self.time_to_first_token.labels(served.model).observe(served.time_to_first_token_s)
+        self.prompt_tokens.labels(served.model).inc(served.prompt_tokens)
+        self.completion_tokens.labels(served.model).inc(served.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
