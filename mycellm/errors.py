@@ -8,6 +8,8 @@ MycellmError
 │   └── UnsupportedParameterError 400: a parameter this node/engine does not implement
 ├── ModelNotFoundError          404: no route serves the model
 ├── RoutingConstraintError      422: routing options that no route can satisfy
+├── PaymentRequiredError        402: the consumer's balance does not cover the price
+├── ReceiptError                400: a receipt that is forged, tampered, replayed or unjustified
 ├── EngineError                 503: an engine failed or is not ready
 │   └── UpstreamError           503: an OpenAI-compatible upstream failed
 │   └── PeerError               503: a peer link failed, was refused or answered with an error
@@ -98,6 +100,18 @@ class RoutingConstraintError(MycellmError):
     status = 422
     error_type = "invalid_request_error"
     code = "routing_constraint"
+
+
+class PaymentRequiredError(MycellmError):
+    status = 402
+    error_type = "insufficient_quota"
+    code = "insufficient_credits"
+
+
+class ReceiptError(MycellmError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "receipt_invalid"
 
 
 class EngineError(MycellmError):

@@ -1,0 +1,54 @@
+"""Tables of the credit ledger: balances, the journal of every change, and the receipts behind them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from mycellm.ledger.tables import Base
+
+
+class CreditAccountRow(Base):
+    __tablename__ = "credit_accounts"
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CreditEntryRow(Base):
+    """One balance change: a grant (no receipt) or one party's share of a receipt."""
+
+    __tablename__ = "credit_entries"
+    __table_args__ = (Index("ix_credit_entries_account", "network_id", "account_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    network_id: Mapped[str] = mapped_column(String(128))
+    account_id: Mapped[str] = mapped_column(String(64))
+    delta: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))  # grant | spend | earn | relay
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ReceiptRow(Base):
+    __tablename__ = "receipts"
+    __table_args__ = (
+        Index("ix_receipts_consumer", "network_id", "consumer_account"),
+        Index("ix_receipts_seeder", "network_id", "seeder_account"),
+    )
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    encoded: Mapped[bytes] = mapped_column(LargeBinary)
+    consumer_account: Mapped[str] = mapped_column(String(64))
+    seeder_account: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(256))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    price: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -1,0 +1,235 @@
+"""CreditBook: balances per account and network, changed only together with the receipt behind them.
+
+Every change is one database transaction: the receipt row, one journal entry per party and the
+balance updates commit together or not at all. A new member's initial grant is the only change
+without a receipt; it is journalled as issued by the network, so the sum of all balances always
+equals the sum of the grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from mycellm.errors import MycellmError, PaymentRequiredError, ReceiptError
+from mycellm.ledger.credit_tables import CreditAccountRow, CreditEntryRow, ReceiptRow
+from mycellm.ledger.pricing import PriceTable, credits
+from mycellm.ledger.receipts import CheckedReceipt, Receipt, check_receipt
+from mycellm.ledger.tables import ServedRequestRow
+
+
+class LedgerError(MycellmError):
+    status = 503
+    error_type = "server_error"
+    code = "ledger_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    request_id: str
+    price: int
+    deltas: dict[str, int]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CreditBook:
+    def __init__(self, engine: AsyncEngine, prices: PriceTable, network_id: str) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.prices = prices
+        self.network_id = network_id
+        # SQLite has one writer at a time and fails a second one that waits to upgrade its lock;
+        # queueing writers here is what SQLite would do anyway, without the failures.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+            session = await stack.enter_async_context(self._sessions.begin())
+            yield session
+
+    # -- members --------------------------------------------------------------------------------
+
+    async def _ensure_member(self, session: AsyncSession, account_id: str) -> None:
+        """Open the account with the initial grant if it is new (inside the caller's transaction)."""
+        dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
+        now, grant = _now(), self.prices.initial_grant
+        inserted = await session.execute(
+            dialect.insert(CreditAccountRow)
+            .values(network_id=self.network_id, account_id=account_id, balance=grant, created_at=now)
+            .on_conflict_do_nothing(index_elements=["network_id", "account_id"])
+        )
+        if inserted.rowcount == 1:  # type: ignore[attr-defined]
+            session.add(
+                CreditEntryRow(
+                    network_id=self.network_id,
+                    account_id=account_id,
+                    delta=grant,
+                    kind="grant",
+                    created_at=now,
+                )
+            )
+
+    async def join(self, account_id: str) -> int:
+        """Make ``account_id`` a member (granting it once); returns its balance."""
+        try:
+            async with self._transaction() as session:
+                await self._ensure_member(session, account_id)
+        except SQLAlchemyError as error:
+            raise LedgerError(f"cannot open account {account_id[:12]}: {error}") from error
+        return await self.balance(account_id)
+
+    async def balance(self, account_id: str) -> int:
+        """Micro-credits of ``account_id``; a member not seen yet would start with the grant."""
+        async with self._sessions() as session:
+            row = await session.get(CreditAccountRow, (self.network_id, account_id))
+        return self.prices.initial_grant if row is None else row.balance
+
+    async def require_funds(self, account_id: str, price: int) -> None:
+        """PaymentRequiredError (402) with the balance and the price if ``account_id`` cannot pay."""
+        balance = await self.balance(account_id)
+        if balance < price:
+            raise PaymentRequiredError(
+                f"balance {credits(balance):.6f} credits does not cover the price {credits(price):.6f} credits",
+                param="balance",
+            )
+
+    # -- settlement -------------------------------------------------------------------------------
+
+    async def settle(self, receipt: Receipt, *, served_here: bool = False) -> Settlement:
+        """Record a receipt and move the credits it justifies, all in one transaction.
+
+        ``served_here``: this node is the seeder, so the receipt must match a request it served.
+        Refused with ReceiptError (nothing changes): forged or tampered signatures, mispriced
+        amounts, another network, a replay, a conflicting receipt for the same request, or a
+        request this node did not serve. PaymentRequiredError if the consumer cannot pay.
+        """
+        checked = check_receipt(receipt, self.prices)
+        terms = checked.terms
+        if terms.network_id != self.network_id:
+            raise ReceiptError(f"receipt is for network {terms.network_id!r}, not {self.network_id!r}")
+        encoded = receipt.to_bytes()
+        try:
+            async with self._transaction() as session:
+                existing = await session.get(ReceiptRow, (self.network_id, terms.request_id))
+                if existing is not None:
+                    raise self._duplicate(existing, encoded, terms.request_id)
+                if served_here:
+                    await self._check_served(session, checked)
+                deltas = checked.deltas()
+                for account in sorted(deltas):  # one lock order for every transaction: no deadlocks
+                    await self._ensure_member(session, account)
+                await self._move(session, checked, deltas)
+                session.add(self._receipt_row(checked, encoded))
+        except IntegrityError as error:  # the same receipt settled concurrently
+            raise ReceiptError(
+                f"receipt {terms.request_id} is already settled", code="receipt_replayed"
+            ) from error
+        except SQLAlchemyError as error:
+            raise LedgerError(f"cannot settle receipt {terms.request_id}: {error}") from error
+        return Settlement(request_id=terms.request_id, price=terms.price, deltas=deltas)
+
+    @staticmethod
+    def _duplicate(existing: ReceiptRow, encoded: bytes, request_id: str) -> ReceiptError:
+        if existing.encoded == encoded:
+            return ReceiptError(f"receipt {request_id} is already settled", code="receipt_replayed")
+        return ReceiptError(
+            f"another receipt is already settled for request {request_id}", code="receipt_conflict"
+        )
+
+    async def _check_served(self, session: AsyncSession, checked: CheckedReceipt) -> None:
+        terms = checked.terms
+        served = await session.get(ServedRequestRow, terms.request_id)
+        if served is None or served.outcome != "ok":
+            raise ReceiptError(
+                f"this node did not serve request {terms.request_id}", code="receipt_unjustified"
+            )
+        if (served.model, served.prompt_tokens, served.completion_tokens) != (
+            terms.model,
+            terms.prompt_tokens,
+            terms.completion_tokens,
+        ):
+            raise ReceiptError(
+                f"receipt {terms.request_id} claims {terms.model} {terms.prompt_tokens}+{terms.completion_tokens} "
+                f"tokens; this node served {served.model} {served.prompt_tokens}+{served.completion_tokens}",
+                code="receipt_unjustified",
+            )
+
+    async def _move(self, session: AsyncSession, checked: CheckedReceipt, deltas: dict[str, int]) -> None:
+        now, consumer, terms = _now(), checked.consumer.account_id, checked.terms
+        for account in sorted(deltas):
+            delta = deltas[account]
+            statement = update(CreditAccountRow).where(
+                CreditAccountRow.network_id == self.network_id, CreditAccountRow.account_id == account
+            )
+            if delta < 0:  # only the consumer pays, and never below zero
+                statement = statement.where(CreditAccountRow.balance >= -delta)
+            result = await session.execute(statement.values(balance=CreditAccountRow.balance + delta))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                balance = (await session.get(CreditAccountRow, (self.network_id, account))).balance  # type: ignore[union-attr]
+                raise PaymentRequiredError(
+                    f"balance {credits(balance):.6f} credits does not cover the price "
+                    f"{credits(terms.price):.6f} credits",
+                    param="balance",
+                )
+            kind = (
+                "spend"
+                if account == consumer
+                else "earn"
+                if account == checked.seeder.account_id
+                else "relay"
+            )
+            session.add(
+                CreditEntryRow(
+                    network_id=self.network_id,
+                    account_id=account,
+                    delta=delta,
+                    kind=kind,
+                    request_id=terms.request_id,
+                    created_at=now,
+                )
+            )
+
+    def _receipt_row(self, checked: CheckedReceipt, encoded: bytes) -> ReceiptRow:
+        terms = checked.terms
+        return ReceiptRow(
+            network_id=self.network_id,
+            request_id=terms.request_id,
+            encoded=encoded,
+            consumer_account=checked.consumer.account_id,
+            seeder_account=checked.seeder.account_id,
+            model=terms.model,
+            prompt_tokens=terms.prompt_tokens,
+            completion_tokens=terms.completion_tokens,
+            price=terms.price,
+            finished_at=datetime.fromtimestamp(terms.finished_at_ms / 1000, UTC),
+            recorded_at=_now(),
+        )
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def is_settled(self, request_id: str) -> bool:
+        async with self._sessions() as session:
+            return await session.get(ReceiptRow, (self.network_id, request_id)) is not None
+
+    async def balances(self) -> dict[str, int]:
+        async with self._sessions() as session:
+            rows = await session.execute(
+                select(CreditAccountRow.account_id, CreditAccountRow.balance).where(
+                    CreditAccountRow.network_id == self.network_id
+                )
+            )
+            return {account: balance for account, balance in rows}
