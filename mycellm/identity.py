@@ -142,9 +142,15 @@ class DeviceCertificate(CanonicalModel):
                 f"device certificate signature does not verify against account {self.account_id}"
             ) from error
 
-    def verify(self, now: float | None = None, clock_skew_s: float = 300) -> None:
-        """Check the signature and the validity period at ``now``; raises IdentityError if either fails."""
-        self.verify_signature()
+    def verify(
+        self, now: float | None = None, clock_skew_s: float = 300, *, signature_checked: bool = False
+    ) -> None:
+        """Check the signature and the validity period at ``now``; raises IdentityError if either fails.
+
+        ``signature_checked``: the caller already verified this very certificate's signature.
+        """
+        if not signature_checked:
+            self.verify_signature()
         now = time.time() if now is None else now
         if self.expires_at <= self.issued_at:
             raise IdentityError(

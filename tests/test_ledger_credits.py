@@ -334,3 +334,31 @@ async def test_a_ledger_killed_while_settling_is_whole_and_settles_the_rest_on_r
         assert final.ok and final.receipts == 400
     finally:
         await store.close()
+
+
+async def test_a_batch_settles_the_good_receipts_and_refuses_the_rest_alone(book: CreditBook, people) -> None:
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    good = [make_receipt(PRICES, alice, bob, f"b-{index}") for index in range(5)]
+    outcomes = await book.settle_many(
+        [
+            good[0],
+            make_receipt(PRICES, carol, bob, "b-poor", completion_tokens=50_000),  # more than carol has
+            good[1],
+            good[1],  # the same receipt twice in one batch
+            make_receipt(PRICES, alice, bob, "b-0", completion_tokens=3),  # conflicts with good[0]
+            *good[2:],
+        ]
+    )
+    codes = [getattr(outcome, "code", "ok") for outcome in outcomes]
+    assert codes == [
+        "ok",
+        "insufficient_credits",
+        "ok",
+        "receipt_replayed",
+        "receipt_conflict",
+        "ok",
+        "ok",
+        "ok",
+    ]
+    report = await audit(book._engine, PRICES, NETWORK)
+    assert report.ok and report.receipts == 5

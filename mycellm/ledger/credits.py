@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -117,34 +117,116 @@ class CreditBook:
         amounts, another network, a replay, a conflicting receipt for the same request, or a
         request this node did not serve. PaymentRequiredError if the consumer cannot pay.
         """
-        checked = check_receipt(receipt, self.prices)
-        terms = checked.terms
-        if terms.network_id != self.network_id:
-            raise ReceiptError(f"receipt is for network {terms.network_id!r}, not {self.network_id!r}")
-        encoded = receipt.to_bytes()
-        try:
-            async with self._transaction() as session:
-                existing = await session.get(ReceiptRow, (self.network_id, terms.request_id))
-                if existing is not None:
-                    raise self._duplicate(existing, encoded, terms.request_id)
+        (outcome,) = await self.settle_many([receipt], served_here=served_here)
+        if isinstance(outcome, MycellmError):
+            raise outcome
+        return outcome
+
+    async def settle_many(
+        self, receipts: Sequence[Receipt], *, served_here: bool = False
+    ) -> list[Settlement | MycellmError]:
+        """Settle receipts in one transaction, in order; each is accepted or refused on its own.
+
+        A refused receipt changes nothing; the accepted ones commit together with their balance
+        changes (one commit for the batch is what makes settling fast).
+        """
+        outcomes: list[Settlement | MycellmError | None] = [None] * len(receipts)
+        checked: list[tuple[int, CheckedReceipt, bytes]] = []
+        for index, receipt in enumerate(receipts):
+            try:
+                item = check_receipt(receipt, self.prices)
+                if item.terms.network_id != self.network_id:
+                    raise ReceiptError(
+                        f"receipt is for network {item.terms.network_id!r}, not {self.network_id!r}"
+                    )
+                checked.append((index, item, receipt.to_bytes()))
+            except ReceiptError as error:
+                outcomes[index] = error
+        for attempt in range(2):
+            try:
+                async with self._transaction() as session:
+                    settled = await self._apply(session, checked, served_here)
+                break
+            except IntegrityError:  # a receipt of the batch was settled concurrently: look again
+                if attempt:
+                    raise LedgerError("receipts keep conflicting with concurrent settlements") from None
+            except SQLAlchemyError as error:
+                raise LedgerError(f"cannot settle receipts: {error}") from error
+        for index, outcome in settled.items():
+            outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _apply(
+        self, session: AsyncSession, checked: list[tuple[int, CheckedReceipt, bytes]], served_here: bool
+    ) -> dict[int, Settlement | MycellmError]:
+        outcomes: dict[int, Settlement | MycellmError] = {}
+        request_ids = [item.request_id for _, item, _ in checked]
+        existing = dict(
+            (
+                await session.execute(
+                    select(ReceiptRow.request_id, ReceiptRow.encoded).where(
+                        ReceiptRow.network_id == self.network_id, ReceiptRow.request_id.in_(request_ids)
+                    )
+                )
+            ).all()
+        )
+        admissible: list[tuple[int, CheckedReceipt, bytes]] = []
+        for index, item, encoded in checked:
+            try:
+                if item.request_id in existing:
+                    raise self._duplicate(existing[item.request_id], encoded, item.request_id)
                 if served_here:
-                    await self._check_served(session, checked)
-                deltas = checked.deltas()
-                for account in sorted(deltas):  # one lock order for every transaction: no deadlocks
-                    await self._ensure_member(session, account)
-                await self._move(session, checked, deltas)
-                session.add(self._receipt_row(checked, encoded))
-        except IntegrityError as error:  # the same receipt settled concurrently
-            raise ReceiptError(
-                f"receipt {terms.request_id} is already settled", code="receipt_replayed"
-            ) from error
-        except SQLAlchemyError as error:
-            raise LedgerError(f"cannot settle receipt {terms.request_id}: {error}") from error
-        return Settlement(request_id=terms.request_id, price=terms.price, deltas=deltas)
+                    await self._check_served(session, item)
+            except MycellmError as error:
+                outcomes[index] = error
+                continue
+            existing[item.request_id] = encoded  # a second copy later in the batch is a replay
+            admissible.append((index, item, encoded))
+        parties = sorted({account for _, item, _ in admissible for account in item.deltas()})
+        for account in parties:  # one lock order for every transaction: no deadlocks
+            await self._ensure_member(session, account)
+        balances = dict(
+            (
+                await session.execute(
+                    select(CreditAccountRow.account_id, CreditAccountRow.balance)
+                    .where(
+                        CreditAccountRow.network_id == self.network_id,
+                        CreditAccountRow.account_id.in_(parties),
+                    )
+                    .order_by(CreditAccountRow.account_id)
+                    .with_for_update()
+                )
+            ).all()
+        )
+        net: dict[str, int] = {}
+        now = _now()
+        for index, item, encoded in admissible:
+            terms, consumer = item.terms, item.consumer.account_id
+            if balances[consumer] < terms.price:
+                outcomes[index] = PaymentRequiredError(
+                    f"balance {credits(balances[consumer]):.6f} credits does not cover the price "
+                    f"{credits(terms.price):.6f} credits",
+                    param="balance",
+                )
+                continue
+            deltas = item.deltas()
+            for account, delta in deltas.items():
+                balances[account] += delta
+                net[account] = net.get(account, 0) + delta
+                session.add(self._entry(item, account, delta, now))
+            session.add(self._receipt_row(item, encoded))
+            outcomes[index] = Settlement(request_id=terms.request_id, price=terms.price, deltas=deltas)
+        for account in sorted(net):
+            await session.execute(
+                update(CreditAccountRow)
+                .where(CreditAccountRow.network_id == self.network_id, CreditAccountRow.account_id == account)
+                .values(balance=CreditAccountRow.balance + net[account])
+            )
+        return outcomes
 
     @staticmethod
-    def _duplicate(existing: ReceiptRow, encoded: bytes, request_id: str) -> ReceiptError:
-        if existing.encoded == encoded:
+    def _duplicate(existing: bytes, encoded: bytes, request_id: str) -> ReceiptError:
+        if existing == encoded:
             return ReceiptError(f"receipt {request_id} is already settled", code="receipt_replayed")
         return ReceiptError(
             f"another receipt is already settled for request {request_id}", code="receipt_conflict"
@@ -168,40 +250,17 @@ class CreditBook:
                 code="receipt_unjustified",
             )
 
-    async def _move(self, session: AsyncSession, checked: CheckedReceipt, deltas: dict[str, int]) -> None:
-        now, consumer, terms = _now(), checked.consumer.account_id, checked.terms
-        for account in sorted(deltas):
-            delta = deltas[account]
-            statement = update(CreditAccountRow).where(
-                CreditAccountRow.network_id == self.network_id, CreditAccountRow.account_id == account
-            )
-            if delta < 0:  # only the consumer pays, and never below zero
-                statement = statement.where(CreditAccountRow.balance >= -delta)
-            result = await session.execute(statement.values(balance=CreditAccountRow.balance + delta))
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                balance = (await session.get(CreditAccountRow, (self.network_id, account))).balance  # type: ignore[union-attr]
-                raise PaymentRequiredError(
-                    f"balance {credits(balance):.6f} credits does not cover the price "
-                    f"{credits(terms.price):.6f} credits",
-                    param="balance",
-                )
-            kind = (
-                "spend"
-                if account == consumer
-                else "earn"
-                if account == checked.seeder.account_id
-                else "relay"
-            )
-            session.add(
-                CreditEntryRow(
-                    network_id=self.network_id,
-                    account_id=account,
-                    delta=delta,
-                    kind=kind,
-                    request_id=terms.request_id,
-                    created_at=now,
-                )
-            )
+    def _entry(self, checked: CheckedReceipt, account: str, delta: int, now: datetime) -> CreditEntryRow:
+        consumer, seeder = checked.consumer.account_id, checked.seeder.account_id
+        kind = "spend" if account == consumer else "earn" if account == seeder else "relay"
+        return CreditEntryRow(
+            network_id=self.network_id,
+            account_id=account,
+            delta=delta,
+            kind=kind,
+            request_id=checked.request_id,
+            created_at=now,
+        )
 
     def _receipt_row(self, checked: CheckedReceipt, encoded: bytes) -> ReceiptRow:
         terms = checked.terms

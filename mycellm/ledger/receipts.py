@@ -7,6 +7,7 @@ the signing key is that party's device key and that an account key certified it.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -169,11 +170,19 @@ def countersign(terms: bytes, consumer_signature: bytes, identity: NodeIdentity)
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _signed_certificate(data: bytes) -> DeviceCertificate:
+    # The same few parties sign most receipts: their account signatures are checked once.
+    certificate = DeviceCertificate.from_bytes(data)
+    certificate.verify_signature()
+    return certificate
+
+
 def _certificate(data: bytes, party: str, terms: ReceiptTerms) -> DeviceCertificate:
     try:
-        certificate = DeviceCertificate.from_bytes(data)
+        certificate = _signed_certificate(data)
         # Valid when the request was served; a later expiry does not undo a settled receipt.
-        certificate.verify(now=terms.finished_at_ms / 1000)
+        certificate.verify(now=terms.finished_at_ms / 1000, signature_checked=True)
     except IdentityError as error:
         raise ReceiptError(f"{party} certificate: {error.message}") from error
     return certificate
