@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -71,6 +72,14 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
     return JSONResponse(error_json(str(error.detail), kind), status_code=error.status_code)
+
+
+def _account_param(account: str | None) -> str | None:
+    if account is not None and not re.fullmatch(r"[0-9a-f]{64}", account):
+        raise InvalidRequestError(
+            "account must be an account id (64 lowercase hex characters)", param="account"
+        )
+    return account
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -183,6 +192,33 @@ class NodeIngress:
         return JSONResponse(
             {"object": "list", "data": [record.model_dump(mode="json") for record in records]}
         )
+
+    @app.get("/v1/node/credits")
+    async def node_credits(self, account: str | None = None, limit: int = 20) -> JSONResponse:
+        account_id = _account_param(account) or self._node["account_id"]
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError("limit must be between 1 and 1000", param="limit")
+        return JSONResponse(await self._call(self._ledger.credits_view.remote(account_id, limit)))
+
+    @app.get("/v1/node/receipts")
+    async def node_receipts(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        account: str | None = None,
+        role: str = "any",
+        model: str | None = None,
+    ) -> JSONResponse:
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError("limit must be between 1 and 1000", param="limit")
+        if offset < 0:
+            raise InvalidRequestError("offset must not be negative", param="offset")
+        if role not in ("any", "consumer", "seeder"):
+            raise InvalidRequestError("role must be any, consumer or seeder", param="role")
+        page = await self._call(
+            self._ledger.receipts.remote(limit, offset, _account_param(account), role, model)
+        )
+        return JSONResponse({"object": "list", "data": page, "limit": limit, "offset": offset})
 
     @app.get("/v1/node/peers")
     async def node_peers(self) -> JSONResponse:

@@ -86,7 +86,11 @@ def _worker_placements(entry: ModelSettings, gpus: int, local_models: int) -> li
 
 def build_node(settings: NodeSettings, identity: NodeIdentity) -> Node:
     """Start the Ledger, InferenceWorkers and Resolver, then the Serve ingress; block until ready."""
-    ledger = ray.remote(Ledger).options(name="ledger", num_cpus=0).remote(settings.resolved_database_url)
+    ledger = (
+        ray.remote(Ledger)
+        .options(name="ledger", num_cpus=0)
+        .remote(settings.resolved_database_url, settings.network_id, settings.credits)
+    )
     ray.get(ledger.start.remote())
     resolver = ray.remote(Resolver).options(name="resolver", num_cpus=0).remote()
     node = Node(ledger=ledger, resolver=resolver)

@@ -315,3 +315,69 @@ def chat(
 def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     app()
+
+
+ledger_app = typer.Typer(no_args_is_help=True, help="The credit ledger of this node.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@app.command("credits")
+def credits_command(
+    url: UrlOption = DEFAULT_URL,
+    account: Annotated[
+        str | None, typer.Option("--account", help="Account id (default: the node's).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a balance and its recent transfers (earned, spent, granted)."""
+    query = f"?account={account}" if account else ""
+    data = _get(_node_root(url), f"/v1/node/credits{query}")
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    console.print(
+        f"account {data['account_id'][:16]}  network {data['network_id']}  balance {data['balance']:.6f} credits"
+    )
+    table = Table("kind", "credits", "request", "when")
+    for transfer in data["transfers"]:
+        table.add_row(
+            transfer["kind"],
+            f"{transfer['credits']:+.6f}",
+            str(transfer["request_id"] or "-"),
+            transfer["created_at"],
+        )
+    console.print(table)
+
+
+@ledger_app.command("audit")
+def ledger_audit(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Verify every receipt and recompute every balance; exit 1 on any mismatch."""
+    import asyncio
+
+    from mycellm.ledger.audit import audit
+    from mycellm.ledger.pricing import PriceTable, credits
+    from mycellm.ledger.store import Store
+
+    settings = _settings(config, data_dir=data_dir)
+
+    async def run() -> Any:
+        store = await Store.open(settings.resolved_database_url)
+        try:
+            return await audit(store.engine, PriceTable(settings.credits), settings.network_id)
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(run())
+    except MycellmError as error:
+        raise _fail(error.message, 1) from error
+    console.print(
+        f"network {report.network_id}: {report.receipts} receipts, {report.accounts} accounts, "
+        f"issued {credits(report.issued):.6f}, balances {credits(report.total_balance):.6f}",
+        highlight=False,
+    )
+    for problem in report.problems:
+        errors.print(f"mismatch: {problem}", markup=False, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("ok: every receipt verifies and every balance matches its receipts", highlight=False)

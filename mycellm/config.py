@@ -13,6 +13,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mycellm.errors import ConfigError
+from mycellm.ledger.pricing import PriceSettings
 
 BUNDLED_MODEL = "smollm2"
 Backend = Literal["llama_cpp", "openai", "vllm"]
@@ -96,6 +97,8 @@ class NodeSettings(BaseSettings):
     peer_exchange_interval_s: float = Field(default=30.0, gt=0, le=86400)
     max_peers: int = Field(default=32, ge=1, le=1024)
     max_frame_bytes: int = Field(default=1 << 20, ge=4096, le=64 << 20)
+    network_id: str = Field(default="public", pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    credits: PriceSettings = PriceSettings()
 
     @model_validator(mode="after")
     def _check(self) -> NodeSettings:
