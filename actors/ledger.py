@@ -50,6 +50,9 @@ class Ledger:
 
     # -- credits --------------------------------------------------------------------------------
 
+    async def balance(self, account_id: str) -> int:
+        return await self._credits().balance(account_id)
+
     async def join(self, account_id: str) -> int:
         return await self._credits().join(account_id)
 

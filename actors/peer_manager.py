@@ -20,8 +20,9 @@ from mycellm.engines.base import (
     GenerationRequest,
     ModelInfo,
 )
-from mycellm.errors import EngineError
+from mycellm.errors import EngineError, ReceiptError
 from mycellm.identity import load_or_create_identity
+from mycellm.ledger.receipts import Receipt
 from mycellm.ledger.tally import RequestTally
 from mycellm.peers import PeerService
 from mycellm.routing import Route, rank_routes
@@ -105,6 +106,36 @@ class _Workers:
         return await self._call(self._workers[route.target].embed.remote(request))
 
 
+class _LedgerKeeper:
+    """The CreditKeeper peers' payments use: this node's Ledger actor."""
+
+    def __init__(self, ledger: Any) -> None:
+        self._ledger = ledger
+
+    async def _call(self, reference: Any) -> Any:
+        try:
+            return await asyncio.wait_for(reference, timeout=30.0)
+        except TimeoutError as error:
+            raise EngineError("the ledger did not answer within 30 s") from error
+        except ray.exceptions.RayError as error:
+            raise unwrap_ray_error(error) from error
+
+    async def balance(self, account_id: str) -> int:
+        return int(await self._call(self._ledger.balance.remote(account_id)))
+
+    async def join(self, account_id: str) -> int:
+        return int(await self._call(self._ledger.join.remote(account_id)))
+
+    async def settle(self, receipt: Receipt) -> bool:
+        try:
+            await self._call(self._ledger.settle.remote(receipt.to_bytes()))
+        except ReceiptError as error:
+            if error.code == "receipt_replayed":
+                return False
+            raise
+        return True
+
+
 class PeerManager:
     def __init__(
         self,
@@ -117,7 +148,9 @@ class PeerManager:
         identity = load_or_create_identity(settings.resolved_data_dir, node_name=settings.node_name)
         self._resolver = resolver
         self._local = _Workers(workers, local_routes, ledger, settings.request_timeout_s)
-        self._service = PeerService(settings, identity, self._local, on_change=self._routes_changed)
+        self._service = PeerService(
+            settings, identity, self._local, on_change=self._routes_changed, keeper=_LedgerKeeper(ledger)
+        )
         self._push: asyncio.Task[None] | None = None
 
     async def start(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol
 
@@ -16,6 +17,7 @@ from mycellm.engines.base import (
     GenerationRequest,
     InferenceEngine,
     ModelInfo,
+    Usage,
 )
 from mycellm.errors import ModelNotFoundError, MycellmError, PeerError, ProtocolError
 from mycellm.streams import ChunkBuffer, StreamTable
@@ -27,12 +29,15 @@ from mycellm.wire import (
     EmbedMessage,
     ErrorMessage,
     InferenceMessage,
+    ReceiptMessage,
+    ReceiptOfferMessage,
     error_from_message,
     error_message,
 )
 
 if TYPE_CHECKING:
     from mycellm.peers import PeerService, Session
+    from mycellm.settlement import Settler
     from mycellm.transport.quic import FrameStream
 
 logger = logging.getLogger(__name__)
@@ -87,9 +92,16 @@ class EngineServer:
 
 
 class Forwarder:
-    def __init__(self, service: PeerService, local: LocalServer, stream_interval_s: float) -> None:
+    def __init__(
+        self,
+        service: PeerService,
+        local: LocalServer,
+        stream_interval_s: float,
+        settler: Settler | None = None,
+    ) -> None:
         self._service = service
         self._local = local
+        self._settler = settler
         self._outbound = StreamTable(stream_interval_s)
         self._serving: set[asyncio.Task[None]] = set()
 
@@ -101,13 +113,7 @@ class Forwarder:
 
     async def open(self, peer_id: str, request: GenerationRequest, wait_s: float) -> GenerationChunk:
         """Send ``request`` to ``peer_id``; returns its first chunk (errors before output raise)."""
-        stream = self._service.session(peer_id).link.open_stream()
-        stream.send(InferenceMessage(request=request))
-
-        async def receive(buffer: ChunkBuffer) -> None:
-            await self._receive(peer_id, stream, buffer)
-
-        self._outbound.start(request.request_id, receive)
+        await self._send(peer_id, request)
         chunk = await self._outbound.take(request.request_id, wait_s, first=True)
         assert chunk is not None
         return chunk
@@ -119,14 +125,27 @@ class Forwarder:
         return await self._outbound.cancel(request_id)
 
     async def complete(self, peer_id: str, request: GenerationRequest) -> CompletionResult:
-        stream = self._service.session(peer_id).link.open_stream()
+        await self._send(peer_id, request)
+        return await self._outbound.collect(request.request_id)
+
+    async def _send(self, peer_id: str, request: GenerationRequest) -> None:
+        """Admit (402 if this node cannot pay), send, and start reading the answer into a stream."""
+        session = self._service.session(peer_id)
+        model = next((info for info in session.hello.models if info.name == request.model), None)
+        if model is None:
+            raise PeerError(f"peer {peer_id[:12]} does not serve {request.model}")
+        if self._settler is not None:
+            request = await self._settler.admit(request, model)
+        started_ms = int(time.time() * 1000)
+        stream = session.link.open_stream()
         stream.send(InferenceMessage(request=request))
 
         async def receive(buffer: ChunkBuffer) -> None:
-            await self._receive(peer_id, stream, buffer)
+            usage = await self._receive(peer_id, stream, buffer)
+            if self._settler is not None and usage is not None:
+                self._settler.pay_later(session.link, request.request_id, model, usage, started_ms)
 
         self._outbound.start(request.request_id, receive)
-        return await self._outbound.collect(request.request_id)
 
     async def embed(self, peer_id: str, request: EmbeddingRequest, timeout_s: float) -> EmbeddingResult:
         stream = self._service.session(peer_id).link.open_stream()
@@ -146,7 +165,7 @@ class Forwarder:
         finally:
             stream.end()
 
-    async def _receive(self, peer_id: str, stream: FrameStream, buffer: ChunkBuffer) -> None:
+    async def _receive(self, peer_id: str, stream: FrameStream, buffer: ChunkBuffer) -> Usage | None:
         registry = self._service.registry
         try:
             while True:
@@ -164,7 +183,7 @@ class Forwarder:
                     )
                     registry.outcome(peer_id, True)
                     stream.end()
-                    return
+                    return message.usage
                 elif isinstance(message, ErrorMessage):
                     error = error_from_message(message, peer_id)
                     if not isinstance(error, PeerError):  # the request's fault, not the peer's
@@ -197,7 +216,12 @@ class Forwarder:
         try:
             first = await stream.receive(FIRST_FRAME_TIMEOUT_S)
             if isinstance(first, InferenceMessage):
-                await self._serve_generation(session.peer_id, stream, first.request)
+                await self._serve_generation(session, stream, first.request)
+            elif isinstance(first, ReceiptOfferMessage):
+                if self._settler is None:
+                    raise ProtocolError("this node keeps no credits", code="unexpected")
+                receipt = await self._settler.countersign_offer(session.link, first)
+                stream.send(ReceiptMessage(receipt=receipt.to_bytes()), end=True)
             elif isinstance(first, EmbedMessage):
                 result = await self._local.embed(first.request, session.peer_id)
                 stream.send(
@@ -219,7 +243,15 @@ class Forwarder:
         finally:
             self._serving.discard(task)
 
-    async def _serve_generation(self, peer_id: str, stream: FrameStream, request: GenerationRequest) -> None:
+    async def _serve_generation(
+        self, session: Session, stream: FrameStream, request: GenerationRequest
+    ) -> None:
+        peer_id = session.peer_id
+        model = next((info for info in self._local.models() if info.name == request.model), None)
+        if model is None:
+            raise ModelNotFoundError(f"The model '{request.model}' is not served by this node", param="model")
+        if self._settler is not None:
+            await self._settler.check_consumer(session.link.certificate, request, model)
         finished = False
         serving = asyncio.current_task()
         assert serving is not None
@@ -247,6 +279,10 @@ class Forwarder:
                     if chunk.is_final:
                         assert chunk.finish_reason is not None and chunk.usage is not None
                         finished = True
+                        if self._settler is not None:
+                            self._settler.served(
+                                request.request_id, session.link.certificate, model, chunk.usage
+                            )
                         stream.send(
                             DoneMessage(
                                 text=chunk.text,

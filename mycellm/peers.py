@@ -20,8 +20,10 @@ from mycellm.devices import RevocationList
 from mycellm.errors import IdentityError, MycellmError, PeerError, ProtocolError
 from mycellm.forwarding import Forwarder, LocalServer
 from mycellm.identity import DeviceCertificate, NodeIdentity
+from mycellm.ledger.pricing import PriceTable
 from mycellm.peer_registry import PeerRecord, PeerRegistry
 from mycellm.revocation_keeper import RevocationKeeper
+from mycellm.settlement import CreditKeeper, Settler
 from mycellm.transport.quic import FrameStream, PeerLink, QuicEndpoint
 from mycellm.wire import (
     ErrorMessage,
@@ -79,6 +81,7 @@ class PeerService:
         local: LocalServer,
         *,
         on_change: Callable[[], None] | None = None,
+        keeper: CreditKeeper | None = None,
     ) -> None:
         self._settings = settings
         self.identity = identity
@@ -97,7 +100,13 @@ class PeerService:
             max_frame_bytes=settings.max_frame_bytes,
             idle_timeout_s=max(30.0, settings.heartbeat_interval_s * (settings.heartbeat_misses + 2)),
         )
-        self.forwarder = Forwarder(self, local, settings.stream_interval_s)
+        # Without a keeper the links carry no payments (tools, tests of the transport).
+        self.settler = (
+            Settler(identity, PriceTable(settings.credits), settings.network_id, keeper)
+            if keeper is not None
+            else None
+        )
+        self.forwarder = Forwarder(self, local, settings.stream_interval_s, self.settler)
         self.sessions: dict[str, Session] = {}
         self._by_link: dict[PeerLink, Session] = {}
         self._dials: dict[str, _Dial] = {address: _Dial() for address in settings.bootstrap_peers}
@@ -128,6 +137,9 @@ class PeerService:
             if dial.task is not None:
                 dial.task.cancel()
         await self.forwarder.close()
+        if self.settler is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.settler.drain(), timeout=5.0)
         await self.endpoint.close()
         with contextlib.suppress(OSError):
             self.registry.save()

@@ -35,8 +35,10 @@ from mycellm.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     MycellmError,
+    PaymentRequiredError,
     PeerError,
     ProtocolError,
+    ReceiptError,
     RequestCancelledError,
     UnsupportedParameterError,
 )
@@ -64,6 +66,8 @@ ErrorCode = Literal[
     "model_not_found",
     "engine_error",
     "cancelled",
+    "insufficient_credits",
+    "receipt_refused",
     "internal",
 ]
 
@@ -150,6 +154,21 @@ class CancelMessage(WireMessage):
     reason: str = Field(default="", max_length=200)
 
 
+class ReceiptOfferMessage(WireMessage):
+    """The consumer's signed terms for a request the other side served; answered with a receipt."""
+
+    kind: ClassVar[str] = "receipt?"
+    terms: bytes = Field(max_length=32768)
+    consumer_signature: bytes = Field(min_length=64, max_length=64)
+
+
+class ReceiptMessage(WireMessage):
+    """The receipt countersigned by the seeder (canonical CBOR)."""
+
+    kind: ClassVar[str] = "receipt"
+    receipt: bytes = Field(max_length=65536)
+
+
 class PeerAddress(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     peer_id: PeerId
@@ -188,6 +207,8 @@ MESSAGE_TYPES: dict[str, type[WireMessage]] = {
         PeersRequestMessage,
         PeersMessage,
         RevocationsMessage,
+        ReceiptOfferMessage,
+        ReceiptMessage,
     )
 }
 
@@ -281,6 +302,8 @@ _ERROR_CODES: tuple[tuple[type[MycellmError], ErrorCode], ...] = (
     (InvalidRequestError, "invalid_request"),
     (ModelNotFoundError, "model_not_found"),
     (RequestCancelledError, "cancelled"),
+    (PaymentRequiredError, "insufficient_credits"),
+    (ReceiptError, "receipt_refused"),
     (EngineError, "engine_error"),
 )
 
@@ -307,6 +330,10 @@ def error_from_message(message: ErrorMessage, peer_id: str) -> MycellmError:
         return InvalidRequestError(text)
     if message.code == "cancelled":
         return RequestCancelledError(text)
+    if message.code == "insufficient_credits":
+        return PaymentRequiredError(text, param="balance")
+    if message.code == "receipt_refused":
+        return ReceiptError(text)
     # model_not_found on a peer means our view of it is stale: another route may serve it.
     return PeerError(text, code=None if message.code == "engine_error" else f"peer_{message.code}")
 

@@ -21,12 +21,17 @@ from mycellm.engines.base import InferenceEngine
 from mycellm.forwarding import EngineServer
 from mycellm.identity import load_or_create_identity
 from mycellm.peers import PeerService
+from mycellm.settlement import CreditKeeper
 from mycellm.transport.certificates import DEVICE_CERTIFICATE_OID
 from mycellm.wire import ALPN
 
 
 def peer_service(
-    root: Path, name: str, engines: list[InferenceEngine] | None = None, **settings: object
+    root: Path,
+    name: str,
+    engines: list[InferenceEngine] | None = None,
+    keeper: CreditKeeper | None = None,
+    **settings: object,
 ) -> PeerService:
     values: dict[str, object] = {
         "node_name": name,
@@ -41,13 +46,16 @@ def peer_service(
     values.update(settings)
     node = NodeSettings(**values)  # type: ignore[arg-type]
     identity = load_or_create_identity(node.resolved_data_dir, node_name=name)
-    return PeerService(node, identity, EngineServer(list(engines or [])))
+    return PeerService(node, identity, EngineServer(list(engines or [])), keeper=keeper)
 
 
 async def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if condition():
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{what} did not happen within {timeout_s} s")

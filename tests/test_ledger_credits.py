@@ -263,10 +263,6 @@ async def test_any_sequence_of_requests_keeps_the_books_balanced(store: Store, p
     assert sum((await book.balances()).values()) == report.issued
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:  # TEMPORARY until the shared fixture lands
-    return f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
-
 
 SETTLER = """
 import asyncio, sys, cbor2

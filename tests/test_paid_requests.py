@@ -1,0 +1,205 @@
+"""Paid requests between three nodes over real QUIC, each node with its own ledger (SQLite or PostgreSQL):
+402 before work, receipts on both sides, refused receipts, and conservation under hundreds of requests."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mycellm.config import ModelSettings
+from mycellm.engines.base import GenerationRequest, Usage
+from mycellm.engines.llama_cpp import LlamaCppEngine
+from mycellm.errors import PaymentRequiredError
+from mycellm.ledger.audit import audit
+from mycellm.ledger.credits import CreditBook
+from mycellm.ledger.pricing import MICRO, PriceSettings, PriceTable
+from mycellm.ledger.receipts import ReceiptTerms, draft_terms, sign_as_consumer
+from mycellm.ledger.store import Store
+from mycellm.peers import PeerService
+from mycellm.settlement import BookKeeper
+from mycellm.wire import ErrorMessage, ReceiptOfferMessage
+from tests.peer_kit import peer_service, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+# Cheap enough that hundreds of requests fit in the grant, dear enough that 402 is reachable.
+CREDITS = PriceSettings(tier_prices={"tiny": 1.0}, initial_grant=5.0)
+NETWORK = "paid-test"
+NUMBERS = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def engine() -> LlamaCppEngine:
+    engine = LlamaCppEngine(ModelSettings(context_tokens=512, threads=2))
+    asyncio.run(engine.start())
+    return engine
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def ledger_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[str]]:
+    if request.param == "sqlite":
+        yield [f"sqlite+aiosqlite:///{tmp_path / f'ledger-{name}.db'}" for name in "abc"]
+        return
+    server = request.getfixturevalue("postgres_server")
+    names = [server.create_database() for _ in range(3)]
+    yield [server.url(name) for name in names]
+    for name in names:
+        server.drop_database(name)
+
+
+@dataclass
+class PaidNode:
+    service: PeerService
+    store: Store
+    book: CreditBook
+
+
+@pytest.fixture
+async def trio(
+    tmp_path: Path, engine: LlamaCppEngine, ledger_urls: list[str]
+) -> AsyncIterator[list[PaidNode]]:
+    nodes: list[PaidNode] = []
+    prices = PriceTable(CREDITS)
+    for name, url in zip("abc", ledger_urls, strict=True):
+        store = await Store.open(url)
+        book = CreditBook(store.engine, prices, NETWORK)
+        service = peer_service(
+            tmp_path,
+            f"node-{name}",
+            [engine],
+            BookKeeper(book),
+            credits=CREDITS,
+            network_id=NETWORK,
+            heartbeat_interval_s=2.0,  # hundreds of requests share two cores with the heartbeats
+        )
+        await service.start()
+        nodes.append(PaidNode(service, store, book))
+    for first, second in ((1, 0), (2, 0), (1, 2)):
+        await nodes[first].service.connect(f"127.0.0.1:{nodes[second].service.port}")
+    await wait_for(lambda: all(len(node.service.sessions) == 2 for node in nodes), 10, "a full mesh")
+    yield nodes
+    for node in nodes:
+        await node.service.stop()
+        await node.store.close()
+
+
+def _request(model: str, max_tokens: int | None = 2) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=f"paid-{next(NUMBERS)}",
+        model=model,
+        messages=({"role": "user", "content": "Say yes."},),
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+
+
+async def test_a_paid_request_is_settled_on_both_sides(trio: list[PaidNode], engine: LlamaCppEngine) -> None:
+    a, b, _ = trio
+    model = engine.models()[0].name
+    request = _request(model, max_tokens=4)
+    result = await a.service.forwarder.complete(b.service.peer_id, request)
+    for node in (a, b):
+        await wait_for(lambda node=node: node.book.is_settled(request.request_id), 10, "the receipt")  # type: ignore[misc]
+    price = PriceTable(CREDITS).price(
+        model, "tiny", result.usage.prompt_tokens, result.usage.completion_tokens
+    )
+    grant = 5 * MICRO
+    for node in (a, b):
+        balances = await node.book.balances()
+        assert balances[a.service.identity.account_id] == grant - price
+        assert balances[b.service.identity.account_id] == grant + price
+        assert (await audit(node.store.engine, node.book.prices, NETWORK)).ok
+
+
+async def test_a_consumer_that_cannot_pay_gets_402_before_any_work(
+    trio: list[PaidNode], engine: LlamaCppEngine
+) -> None:
+    a, b, _ = trio
+    model = engine.models()[0].name
+    with pytest.raises(PaymentRequiredError, match="does not cover the price") as refused:
+        await a.service.forwarder.complete(b.service.peer_id, _request(model, max_tokens=20_000))
+    assert refused.value.status == 402
+    assert b.service.forwarder.serving == 0 and await b.book.balances() == {}
+    # An open max_tokens is capped at what the balance pays for.
+    capped = await a.service.settler.admit(_request(model, None), engine.models()[0])  # type: ignore[union-attr]
+    assert capped.max_tokens is not None and 0 < capped.max_tokens < 5000
+
+
+async def test_offers_for_what_was_not_served_are_refused(
+    trio: list[PaidNode], engine: LlamaCppEngine
+) -> None:
+    a, b, _ = trio
+    model = engine.models()[0]
+    link = a.service.session(b.service.peer_id).link
+    terms = draft_terms(
+        PriceTable(CREDITS),
+        request_id="never-served",
+        network_id=NETWORK,
+        model=model.name,
+        tier=model.tier,
+        prompt_tokens=5,
+        completion_tokens=5,
+        consumer=a.service.identity.certificate,
+        seeder=b.service.identity.certificate,
+        started_at_ms=0,
+    )
+    encoded, signature = sign_as_consumer(terms, a.service.identity)
+    stream = link.open_stream()
+    stream.send(ReceiptOfferMessage(terms=encoded, consumer_signature=signature))
+    answer = await stream.receive(10)
+    assert isinstance(answer, ErrorMessage) and answer.code == "receipt_refused"
+    assert "served no request never-served" in answer.message
+    # A served request whose terms claim fewer tokens than were served.
+    request = _request(model.name, max_tokens=3)
+    a.service.settler = None  # this node will not pay on its own; the test offers the terms
+    a.service.forwarder._settler = None
+    result = await a.service.forwarder.complete(b.service.peer_id, request)
+    low = ReceiptTerms.model_validate(
+        terms.model_dump()
+        | {
+            "request_id": request.request_id,
+            "prompt_tokens": result.usage.prompt_tokens,
+            "completion_tokens": 0,
+        }
+    )
+    encoded, signature = sign_as_consumer(low, a.service.identity)
+    stream = link.open_stream()
+    stream.send(ReceiptOfferMessage(terms=encoded, consumer_signature=signature))
+    answer = await stream.receive(10)
+    assert isinstance(answer, ErrorMessage) and "do not match what was served" in answer.message
+    assert not await b.book.is_settled(request.request_id)
+    assert set((await b.book.balances()).values()) == {5 * MICRO}  # nothing moved
+
+
+async def test_hundreds_of_concurrent_paid_requests_conserve_credits(
+    trio: list[PaidNode], engine: LlamaCppEngine
+) -> None:
+    model = engine.models()[0].name
+    pairs = [(trio[i % 3], trio[(i + 1 + i // 3 % 2) % 3]) for i in range(240)]
+    outcomes = await asyncio.gather(
+        *(
+            consumer.service.forwarder.complete(seeder.service.peer_id, _request(model, max_tokens=1))
+            for consumer, seeder in pairs
+        ),
+        return_exceptions=True,
+    )
+    served = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert all(isinstance(error, PaymentRequiredError) for error in refused), refused[:3]
+    assert len(served) >= 100
+    for node in trio:
+        await node.service.settler.drain()  # type: ignore[union-attr]
+    issued_total = 0
+    for node in trio:
+        report = await audit(node.store.engine, node.book.prices, NETWORK)
+        assert report.ok, report.problems[:5]
+        assert sum((await node.book.balances()).values()) == report.issued
+        issued_total += report.receipts
+    # Every receipt is on both sides: each node's receipts are those it consumed or seeded.
+    assert issued_total == 2 * len(served)
+    assert all(isinstance(outcome.usage, Usage) for outcome in served)
