@@ -168,7 +168,7 @@ class PeerManager:
         await asyncio.sleep(ROUTE_PUSH_DELAY_S)
         routes: list[Route] = []
         for peer_id, session in self._service.sessions.items():
-            record = self._service.registry.get(peer_id)
+            record = self._service.registry.reputation_of(peer_id)
             for model in session.hello.models:
                 routes.append(
                     Route(
@@ -177,7 +177,7 @@ class PeerManager:
                         model=model,
                         latency_ms=(record.rtt_ms or 0.0) if record else 0.0,
                         load=record.load if record else 0,
-                        success_rate=record.success_rate if record else 1.0,
+                        success_rate=record.reputation if record else 1.0,  # decayed; receipts count
                         hops=1,
                     )
                 )
@@ -215,8 +215,11 @@ class PeerManager:
             "address": service.address,
             "connected": sorted(service.sessions),
             "peers": [
-                record.model_dump(mode="json") | {"success_rate": record.success_rate}
-                for record in service.peers()
+                record.model_dump(mode="json")
+                | {"success_rate": record.success_rate, "reputation": record.reputation}
+                for record in (
+                    service.registry.reputation_of(peer.peer_id) or peer for peer in service.peers()
+                )
             ],
             "revocations": [
                 {"account_id": item.account_id, "serial": item.serial, "revoked": len(item.revoked)}

@@ -32,8 +32,16 @@ class PeerRecord(BaseModel):
     models: tuple[ModelInfo, ...] = ()
     load: int = Field(default=0, ge=0)
     rtt_ms: float | None = None
-    successes: int = Field(default=0, ge=0)
-    failures: int = Field(default=0, ge=0)
+    # Reputation: counters that decay by half every half-life (as of ``decayed_at``).
+    successes: float = Field(default=0.0, ge=0)
+    failures: float = Field(default=0.0, ge=0)
+    latency_ms: float | None = None  # time to first token of requests it served us, smoothed
+    tokens_served: float = Field(default=0.0, ge=0)  # tokens it generated for us
+    served_us_credits: float = Field(default=0.0, ge=0)  # what we paid it
+    consumed_credits: float = Field(default=0.0, ge=0)  # what it paid us
+    receipts_honoured: float = Field(default=0.0, ge=0)
+    receipts_missed: float = Field(default=0.0, ge=0)
+    decayed_at: float = 0.0
     first_seen: float = 0.0
     last_seen: float | None = None
     state: PeerState = "unknown"
@@ -42,6 +50,30 @@ class PeerRecord(BaseModel):
     def success_rate(self) -> float:
         total = self.successes + self.failures
         return 1.0 if total == 0 else self.successes / total
+
+    @property
+    def reputation(self) -> float:
+        """0..1: requests answered times receipts honoured (both decayed; 1 for a newcomer)."""
+        honoured = (self.receipts_honoured + 1) / (self.receipts_honoured + self.receipts_missed + 1)
+        return self.success_rate * honoured
+
+    def freeloading(self, grace_credits: float, max_ratio: float) -> bool:
+        """Consumed past the grace and far more than it served us."""
+        return (
+            self.consumed_credits > grace_credits
+            and self.consumed_credits > max_ratio * self.served_us_credits
+        )
+
+
+DECAYING = (
+    "successes",
+    "failures",
+    "tokens_served",
+    "served_us_credits",
+    "consumed_credits",
+    "receipts_honoured",
+    "receipts_missed",
+)
 
 
 class _RegistryFile(BaseModel):
@@ -53,8 +85,9 @@ class _RegistryFile(BaseModel):
 class PeerRegistry:
     """In memory, saved to ``path`` as JSON (atomically) when the owner calls ``save``."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, half_life_s: float = 7 * 86400) -> None:
         self._path = path
+        self._half_life_s = half_life_s
         self._records: dict[str, PeerRecord] = {}
         self.dirty = False
         if path is not None:
@@ -165,11 +198,57 @@ class PeerRegistry:
             return current
         return self._put(current.model_copy(update={"state": "dead"}))
 
-    def outcome(self, peer_id: str, ok: bool) -> None:
+    def _decayed(self, record: PeerRecord, now: float) -> PeerRecord:
+        if record.decayed_at <= 0:
+            return record.model_copy(update={"decayed_at": now})
+        factor = 0.5 ** (max(0.0, now - record.decayed_at) / self._half_life_s)
+        return record.model_copy(
+            update={name: getattr(record, name) * factor for name in DECAYING} | {"decayed_at": now}
+        )
+
+    def _count(self, peer_id: str, now: float | None = None, **increments: float) -> None:
         current = self._records.get(peer_id)
-        if current is not None:
-            field = "successes" if ok else "failures"
-            self._put(current.model_copy(update={field: getattr(current, field) + 1}))
+        if current is None:
+            return
+        now = time.time() if now is None else now
+        record = self._decayed(current, now)
+        self._put(
+            record.model_copy(
+                update={name: getattr(record, name) + value for name, value in increments.items()}
+            )
+        )
+
+    def reputation_of(self, peer_id: str, now: float | None = None) -> PeerRecord | None:
+        """The record with its counters decayed to ``now``."""
+        current = self._records.get(peer_id)
+        return None if current is None else self._decayed(current, time.time() if now is None else now)
+
+    def outcome(
+        self, peer_id: str, ok: bool, first_token_ms: float | None = None, now: float | None = None
+    ) -> None:
+        self._count(peer_id, now, **({"successes": 1.0} if ok else {"failures": 1.0}))
+        current = self._records.get(peer_id)
+        if current is not None and first_token_ms is not None:
+            smoothed = (
+                first_token_ms
+                if current.latency_ms is None
+                else current.latency_ms + RTT_SMOOTHING * (first_token_ms - current.latency_ms)
+            )
+            self._put(current.model_copy(update={"latency_ms": smoothed}))
+
+    def paid(self, peer_id: str, credits: float, tokens: int, now: float | None = None) -> None:
+        """A receipt settled for a request this peer served us."""
+        self._count(
+            peer_id, now, served_us_credits=credits, tokens_served=float(tokens), receipts_honoured=1.0
+        )
+
+    def earned(self, peer_id: str, credits: float, now: float | None = None) -> None:
+        """A receipt settled for a request we served this peer."""
+        self._count(peer_id, now, consumed_credits=credits, receipts_honoured=1.0)
+
+    def unpaid(self, peer_id: str, now: float | None = None) -> None:
+        """A receipt exchange with this peer failed or was refused."""
+        self._count(peer_id, now, receipts_missed=1.0)
 
     def learn(self, peer_id: str, address: str, now: float | None = None) -> bool:
         """A peer's listen address heard from another peer; True if it is new to the registry."""

@@ -89,7 +89,7 @@ class PeerService:
         self._local = local
         self._on_change = on_change or (lambda: None)
         data_dir = settings.resolved_data_dir
-        self.registry = PeerRegistry(data_dir / REGISTRY_FILE)
+        self.registry = PeerRegistry(data_dir / REGISTRY_FILE, settings.credits.reputation_half_life_s)
         self.revocations = RevocationKeeper(data_dir)
         self._hellos = HelloChecker(self.peer_id)
         self.endpoint = QuicEndpoint(
@@ -102,7 +102,7 @@ class PeerService:
         )
         # Without a keeper the links carry no payments (tools, tests of the transport).
         self.settler = (
-            Settler(identity, PriceTable(settings.credits), settings.network_id, keeper)
+            Settler(identity, PriceTable(settings.credits), settings.network_id, keeper, self.registry)
             if keeper is not None
             else None
         )

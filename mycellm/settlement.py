@@ -20,6 +20,7 @@ from mycellm.identity import DeviceCertificate, NodeIdentity
 from mycellm.ledger.credits import CreditBook
 from mycellm.ledger.pricing import MICRO, PriceTable, credits
 from mycellm.ledger.receipts import Receipt, ReceiptTerms, countersign, draft_terms, sign_as_consumer
+from mycellm.peer_registry import PeerRegistry
 from mycellm.wire import ErrorMessage, ReceiptMessage, ReceiptOfferMessage, error_from_message
 
 if TYPE_CHECKING:
@@ -60,9 +61,15 @@ class _Served:
 
 class Settler:
     def __init__(
-        self, identity: NodeIdentity, prices: PriceTable, network_id: str, keeper: CreditKeeper
+        self,
+        identity: NodeIdentity,
+        prices: PriceTable,
+        network_id: str,
+        keeper: CreditKeeper,
+        registry: PeerRegistry | None = None,
     ) -> None:
         self.identity = identity
+        self.registry = registry or PeerRegistry()
         self.prices = prices
         self.network_id = network_id
         self.keeper = keeper
@@ -118,13 +125,15 @@ class Settler:
             try:
                 receipt = await self._exchange(link, encoded, signature)
                 await self.keeper.settle(receipt)
+                self.registry.paid(link.peer_id, credits(terms.price), usage.completion_tokens)
                 return
             except ReceiptError as error:  # refused on either side: retrying cannot help
                 logger.warning("receipt %s refused: %s", request_id, error.message)
-                return
+                break
             except (PeerError, MycellmError) as error:
                 logger.warning("receipt %s not settled (try %d): %s", request_id, attempt + 1, error.message)
                 await asyncio.sleep(0.5 * 2**attempt)
+        self.registry.unpaid(link.peer_id)
 
     async def _exchange(self, link: PeerLink, terms: bytes, signature: bytes) -> Receipt:
         stream = link.open_stream()
@@ -154,6 +163,14 @@ class Settler:
         """402 if the consumer cannot pay for this request, as this node's ledger knows it."""
         if consumer.account_id == self.identity.account_id:
             return  # a device of our own account: free
+        policy = self.prices.settings
+        record = self.registry.reputation_of(consumer.peer_id)
+        if record is not None and record.freeloading(policy.grace_credits, policy.max_consume_ratio):
+            raise PaymentRequiredError(
+                f"refused: this peer consumed {record.consumed_credits:.4f} credits from this node and served it "
+                f"{record.served_us_credits:.4f}; serve more than 1/{policy.max_consume_ratio:g} of what you consume",
+                code="consumer_refused",
+            )
         balance = await self.keeper.join(consumer.account_id)
         tokens = request.max_tokens or 1
         price = self.prices.price(model.name, model.tier, estimate_prompt_tokens(request), tokens)
@@ -192,6 +209,7 @@ class Settler:
             )
         receipt = countersign(offer.terms, offer.consumer_signature, self.identity)
         await self.keeper.settle(receipt)
+        self.registry.earned(link.peer_id, credits(terms.price))
         self._served.pop(terms.request_id, None)
         self._receipts[terms.request_id] = receipt.to_bytes()
         while len(self._receipts) > REMEMBERED_REQUESTS:

@@ -203,3 +203,35 @@ async def test_hundreds_of_concurrent_paid_requests_conserve_credits(
     # Every receipt is on both sides: each node's receipts are those it consumed or seeded.
     assert issued_total == 2 * len(served)
     assert all(isinstance(outcome.usage, Usage) for outcome in served)
+
+
+async def test_a_peer_that_only_consumes_is_refused_until_it_serves(
+    trio: list[PaidNode], engine: LlamaCppEngine
+) -> None:
+    a, b, _ = trio
+    model = engine.models()[0].name
+    assert b.service.settler is not None and a.service.settler is not None
+    # B's policy: a grace of almost nothing, and no more consumed than served.
+    b.service.settler.prices = PriceTable(
+        CREDITS.model_copy(update={"grace_credits": 0.00001, "max_consume_ratio": 1.0})
+    )
+    await a.service.forwarder.complete(b.service.peer_id, _request(model))
+    await a.service.settler.drain()
+    record = b.service.registry.reputation_of(a.service.peer_id)
+    assert (
+        record is not None and record.consumed_credits > 0 and record.receipts_honoured == pytest.approx(1.0)
+    )
+    with pytest.raises(PaymentRequiredError, match="this peer consumed") as refused:
+        await a.service.forwarder.complete(b.service.peer_id, _request(model))
+    assert refused.value.status == 402
+    # A serves B more than it consumed: B serves A again.
+    for _ in range(3):
+        await b.service.forwarder.complete(a.service.peer_id, _request(model, max_tokens=2))
+    await b.service.settler.drain()
+    await a.service.forwarder.complete(b.service.peer_id, _request(model))
+    seen_by_a = a.service.registry.reputation_of(b.service.peer_id)
+    assert (
+        seen_by_a is not None
+        and seen_by_a.reputation == pytest.approx(1.0)
+        and seen_by_a.served_us_credits > 0
+    )

@@ -86,7 +86,8 @@ async def test_a_relay_streams_cancels_and_embeds_through_its_peer(
         )
         assert len(vectors.vectors) == 1 and len(vectors.vectors[0]) > 10
         record = relay.registry.get(seeder.peer_id)
-        assert record is not None and record.successes == 3 and record.models[0].name == model
+        assert record is not None and record.successes == pytest.approx(3.0, rel=1e-3)
+        assert record.models[0].name == model
 
         # Cancel on the requesting side stops the generation on the serving side.
         endless = request.model_copy(

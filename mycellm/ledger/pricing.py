@@ -1,4 +1,5 @@
-"""What a request costs: a price table by model tier, the relay fee, the grant for a new member.
+"""What a request costs: a price table by model tier, the relay fee, the grant for a new member,
+and the policy on peers that only consume.
 
 Amounts are whole micro-credits (1 credit = 1,000,000) so that every sum is exact.
 """
@@ -27,6 +28,11 @@ class PriceSettings(BaseModel):
     prompt_weight: float = Field(default=0.25, ge=0, le=1)
     relay_fee: float = Field(default=0.10, ge=0, lt=0.5)
     initial_grant: float = Field(default=100.0, ge=0)
+    # Reputation and the freeloader policy: a peer that has consumed more than grace_credits from
+    # this node, and more than max_consume_ratio times what it served this node, is refused.
+    reputation_half_life_s: float = Field(default=7 * 86400, gt=0)
+    grace_credits: float = Field(default=10.0, ge=0)
+    max_consume_ratio: float = Field(default=4.0, gt=0)
 
 
 class PriceTable:
