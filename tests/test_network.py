@@ -157,6 +157,21 @@ def test_a_model_only_on_c_is_streamed_through_a(network: Network, via_a: openai
 
     _wait(recorded_on_c, 5, "C's record of the request")
 
+    # A paid C: one receipt, signed by both, recorded on both ledgers; A spent what C earned.
+    def receipt_on(node: NodeProcess) -> dict[str, Any] | None:
+        page = httpx.get(f"{node.url}/v1/node/receipts", params={"model": "smol-c"}, timeout=10).json()[
+            "data"
+        ]
+        return next((receipt for receipt in page if receipt["request_id"] == answer.id), None)
+
+    on_a = _wait(lambda: receipt_on(network.a), 10, "the receipt on A")
+    on_c = _wait(lambda: receipt_on(network.c), 10, "the receipt on C")
+    assert on_a["receipt"] == on_c["receipt"] and on_a["price"] > 0
+    status_c = httpx.get(f"{network.c.url}/v1/node/status", timeout=10).json()
+    assert on_a["seeder"] == status_c["account_id"]
+    credits_a = httpx.get(f"{network.a.url}/v1/node/credits", timeout=10).json()
+    assert credits_a["balance"] < 100.0 and credits_a["transfers"][0]["kind"] == "spend"
+
 
 def test_routing_options_that_cannot_be_met_give_422(network: Network) -> None:
     for options, fragment in (
