@@ -62,6 +62,18 @@ class Ledger:
     async def settle(self, receipt: bytes, served_here: bool = False) -> Settlement:
         return await self._credits().settle(Receipt.from_bytes(receipt), served_here=served_here)
 
+    async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None:
+        await self._credits().remember_offer(request_id, peer_id, terms, signature)
+
+    async def pending_offers(self, peer_id: str) -> list[tuple[str, bytes, bytes]]:
+        return await self._credits().pending_offers(peer_id)
+
+    async def forget_offer(self, request_id: str) -> None:
+        await self._credits().forget_offer(request_id)
+
+    async def receipt(self, request_id: str) -> bytes | None:
+        return await self._credits().receipt(request_id)
+
     async def credits_view(self, account_id: str, limit: int = 20) -> dict[str, Any]:
         book = self._credits()
         balance = await book.balance(account_id)

@@ -126,6 +126,19 @@ class _LedgerKeeper:
     async def join(self, account_id: str) -> int:
         return int(await self._call(self._ledger.join.remote(account_id)))
 
+    async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None:
+        await self._call(self._ledger.remember_offer.remote(request_id, peer_id, terms, signature))
+
+    async def pending_offers(self, peer_id: str) -> list[tuple[str, bytes, bytes]]:
+        return list(await self._call(self._ledger.pending_offers.remote(peer_id)))
+
+    async def forget_offer(self, request_id: str) -> None:
+        await self._call(self._ledger.forget_offer.remote(request_id))
+
+    async def receipt(self, request_id: str) -> bytes | None:
+        found: bytes | None = await self._call(self._ledger.receipt.remote(request_id))
+        return found
+
     async def settle(self, receipt: Receipt) -> bool:
         try:
             await self._call(self._ledger.settle.remote(receipt.to_bytes()))

@@ -232,6 +232,8 @@ class PeerService:
             load=hello.load,
         )
         session.task = asyncio.create_task(self._control_loop(session))
+        if self.settler is not None:
+            self.settler.retry_pending(link)  # receipts this peer still owes us
         for message in self._greeting():
             self._send(session, message)
         logger.info(

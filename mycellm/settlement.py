@@ -42,6 +42,14 @@ class CreditKeeper(Protocol):
 
     async def settle(self, receipt: Receipt) -> bool: ...  # False: it was already settled
 
+    async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None: ...
+
+    async def pending_offers(self, peer_id: str) -> list[tuple[str, bytes, bytes]]: ...
+
+    async def forget_offer(self, request_id: str) -> None: ...
+
+    async def receipt(self, request_id: str) -> bytes | None: ...
+
 
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
     """An upper-leaning guess before tokenizing (3 characters a token, plus the chat template)."""
@@ -121,19 +129,39 @@ class Settler:
             started_at_ms=started_ms,
         )
         encoded, signature = sign_as_consumer(terms, self.identity)
+        # Kept before it leaves: a crash before the receipt comes back retries it after restart.
+        await self.keeper.remember_offer(request_id, link.peer_id, encoded, signature)
+        await self._deliver(link, terms, encoded, signature)
+
+    def retry_pending(self, link: PeerLink) -> None:
+        """Offer again, in the background, every receipt ``link``'s peer still owes this node."""
+        task = asyncio.get_running_loop().create_task(self._retry(link))
+        self._payments.add(task)
+        task.add_done_callback(self._payments.discard)
+
+    async def _retry(self, link: PeerLink) -> None:
+        for request_id, encoded, signature in await self.keeper.pending_offers(link.peer_id):
+            logger.info("offering the receipt of %s to %s again", request_id, link.peer_id[:12])
+            await self._deliver(link, ReceiptTerms.from_bytes(encoded), encoded, signature)
+
+    async def _deliver(self, link: PeerLink, terms: ReceiptTerms, encoded: bytes, signature: bytes) -> None:
+        request_id = terms.request_id
         for attempt in range(PAY_ATTEMPTS):
             try:
                 receipt = await self._exchange(link, encoded, signature)
                 await self.keeper.settle(receipt)
-                self.registry.paid(link.peer_id, credits(terms.price), usage.completion_tokens)
+                self.registry.paid(link.peer_id, credits(terms.price), terms.completion_tokens)
                 return
             except ReceiptError as error:  # refused on either side: retrying cannot help
                 logger.warning("receipt %s refused: %s", request_id, error.message)
-                break
-            except (PeerError, MycellmError) as error:
+                await self.keeper.forget_offer(request_id)
+                self.registry.unpaid(link.peer_id)
+                return
+            except MycellmError as error:
                 logger.warning("receipt %s not settled (try %d): %s", request_id, attempt + 1, error.message)
+                if link.closed:
+                    return  # still pending: offered again when the peer is back
                 await asyncio.sleep(0.5 * 2**attempt)
-        self.registry.unpaid(link.peer_id)
 
     async def _exchange(self, link: PeerLink, terms: bytes, signature: bytes) -> Receipt:
         stream = link.open_stream()
@@ -187,7 +215,7 @@ class Settler:
     async def countersign_offer(self, link: PeerLink, offer: ReceiptOfferMessage) -> Receipt:
         """Check the consumer's terms against what this node served it, countersign and record."""
         terms = ReceiptTerms.from_bytes(offer.terms)
-        settled = self._receipts.get(terms.request_id)
+        settled = self._receipts.get(terms.request_id) or await self.keeper.receipt(terms.request_id)
         if settled is not None:  # a retry of a receipt already settled here
             receipt = Receipt.from_bytes(settled)
             if receipt.terms == offer.terms and receipt.consumer_signature == offer.consumer_signature:
@@ -235,6 +263,18 @@ class BookKeeper:
 
     async def join(self, account_id: str) -> int:
         return await self._book.join(account_id)
+
+    async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None:
+        await self._book.remember_offer(request_id, peer_id, terms, signature)
+
+    async def pending_offers(self, peer_id: str) -> list[tuple[str, bytes, bytes]]:
+        return await self._book.pending_offers(peer_id)
+
+    async def forget_offer(self, request_id: str) -> None:
+        await self._book.forget_offer(request_id)
+
+    async def receipt(self, request_id: str) -> bytes | None:
+        return await self._book.receipt(request_id)
 
     async def settle(self, receipt: Receipt) -> bool:
         try:

@@ -235,3 +235,42 @@ async def test_a_peer_that_only_consumes_is_refused_until_it_serves(
         and seen_by_a.reputation == pytest.approx(1.0)
         and seen_by_a.served_us_credits > 0
     )
+
+
+async def test_a_receipt_lost_in_a_crash_is_settled_on_retry(
+    trio: list[PaidNode], engine: LlamaCppEngine
+) -> None:
+    a, b, _ = trio
+    assert a.service.settler is not None and b.service.settler is not None
+    model = engine.models()[0]
+    settler = a.service.settler
+    a.service.forwarder._settler = None  # this request's payment is done by hand below
+    request = _request(model.name, max_tokens=3)
+    result = await a.service.forwarder.complete(b.service.peer_id, request)
+    link = a.service.session(b.service.peer_id).link
+    terms = draft_terms(
+        PriceTable(CREDITS),
+        request_id=request.request_id,
+        network_id=NETWORK,
+        model=model.name,
+        tier=model.tier,
+        prompt_tokens=result.usage.prompt_tokens,
+        completion_tokens=result.usage.completion_tokens,
+        consumer=a.service.identity.certificate,
+        seeder=b.service.identity.certificate,
+        started_at_ms=0,
+    )
+    encoded, signature = sign_as_consumer(terms, a.service.identity)
+    await settler.keeper.remember_offer(request.request_id, b.service.peer_id, encoded, signature)
+    await settler._exchange(link, encoded, signature)  # B countersigns and settles; A "crashes" here
+    assert await b.book.is_settled(request.request_id) and not await a.book.is_settled(request.request_id)
+    assert len(await a.book.pending_offers(b.service.peer_id)) == 1
+    b.service.settler._receipts.clear()  # B restarted too: only its database remembers
+    b.service.settler._served.clear()
+    settler.retry_pending(link)  # what a new link to B does
+    await settler.drain()
+    assert await a.book.is_settled(request.request_id)
+    assert await a.book.receipt(request.request_id) == await b.book.receipt(request.request_id)
+    assert await a.book.pending_offers(b.service.peer_id) == []
+    for node in (a, b):
+        assert (await audit(node.store.engine, node.book.prices, NETWORK)).ok

@@ -52,3 +52,16 @@ class ReceiptRow(Base):
     price: Mapped[int] = mapped_column(BigInteger)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class PendingReceiptRow(Base):
+    """Terms this node signed as consumer whose receipt it does not hold yet (retried after restarts)."""
+
+    __tablename__ = "pending_receipts"
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    peer_id: Mapped[str] = mapped_column(String(64), index=True)
+    terms: Mapped[bytes] = mapped_column(LargeBinary)
+    consumer_signature: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

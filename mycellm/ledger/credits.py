@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from mycellm.errors import MycellmError, PaymentRequiredError, ReceiptError
-from mycellm.ledger.credit_tables import CreditAccountRow, CreditEntryRow, ReceiptRow
+from mycellm.ledger.credit_tables import CreditAccountRow, CreditEntryRow, PendingReceiptRow, ReceiptRow
 from mycellm.ledger.pricing import PriceTable, credits
 from mycellm.ledger.receipts import CheckedReceipt, Receipt, check_receipt
 from mycellm.ledger.tables import ServedRequestRow
@@ -247,6 +247,13 @@ class CreditBook:
             connection = await session.connection()
             await connection.execute(insert(ReceiptRow), rows)
             await connection.execute(insert(CreditEntryRow), entries)
+            # A receipt this node was waiting for is no longer pending: same transaction.
+            await connection.execute(
+                delete(PendingReceiptRow).where(
+                    PendingReceiptRow.network_id == self.network_id,
+                    PendingReceiptRow.request_id.in_([row["request_id"] for row in rows]),
+                )
+            )
         for account in sorted(net):
             await session.execute(
                 update(CreditAccountRow)
@@ -308,6 +315,50 @@ class CreditBook:
             "finished_at": datetime.fromtimestamp(terms.finished_at_ms / 1000, UTC),
             "recorded_at": now,
         }
+
+    # -- receipts this node waits for -----------------------------------------------------------
+
+    async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None:
+        """Keep signed terms until their receipt is settled (a restart retries them)."""
+        row = PendingReceiptRow(
+            network_id=self.network_id,
+            request_id=request_id,
+            peer_id=peer_id,
+            terms=terms,
+            consumer_signature=signature,
+            created_at=_now(),
+        )
+        try:
+            async with self._transaction() as session:
+                if await session.get(PendingReceiptRow, (self.network_id, request_id)) is None:
+                    session.add(row)
+        except SQLAlchemyError as error:
+            raise LedgerError(f"cannot keep the terms of {request_id}: {error}") from error
+
+    async def pending_offers(self, peer_id: str) -> list[tuple[str, bytes, bytes]]:
+        """(request id, terms, consumer signature) of receipts still owed by ``peer_id``."""
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(PendingReceiptRow).where(
+                    PendingReceiptRow.network_id == self.network_id, PendingReceiptRow.peer_id == peer_id
+                )
+            )
+            return [(row.request_id, row.terms, row.consumer_signature) for row in rows]
+
+    async def forget_offer(self, request_id: str) -> None:
+        async with self._transaction() as session:
+            await session.execute(
+                delete(PendingReceiptRow).where(
+                    PendingReceiptRow.network_id == self.network_id,
+                    PendingReceiptRow.request_id == request_id,
+                )
+            )
+
+    async def receipt(self, request_id: str) -> bytes | None:
+        """The settled receipt of ``request_id`` (canonical CBOR), if there is one."""
+        async with self._sessions() as session:
+            row = await session.get(ReceiptRow, (self.network_id, request_id))
+            return None if row is None else row.encoded
 
     # -- reading ----------------------------------------------------------------------------------
 
