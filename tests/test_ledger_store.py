@@ -1,18 +1,26 @@
-"""Tests for the node store on real SQLite: migration, idempotent writes, totals, order, restart."""
+"""Tests for the node store on real SQLite and real PostgreSQL: migration, idempotent writes, totals,
+order, restart."""
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
+import shutil
+import socket
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic.script import ScriptDirectory
 from pydantic import ValidationError
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from mycellm.ledger import store as store_module
 from mycellm.ledger.records import RequestTotals, ServedRequestRecord
-from mycellm.ledger.store import Store
+from mycellm.ledger.store import MIGRATIONS, Store, StoreError
 
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -35,39 +43,132 @@ def record(request_id: str, **fields: Any) -> ServedRequestRecord:
     return ServedRequestRecord(**values)
 
 
-def database_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path}"
+HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Path:
-    return tmp_path / "x.db"
-
-
-@pytest.fixture
-async def store(database: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(database_url(database))
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await Store.open(database_url)
     yield opened
     await opened.close()
 
 
-async def test_open_migrates_the_schema(database: Path) -> None:
-    opened = await Store.open(database_url(database))
+async def schema(url: str) -> tuple[set[str], list[str], set[str]]:
+    """Table names, alembic_version rows and served_requests columns, read past the Store."""
+
+    def read(connection: Connection) -> tuple[set[str], list[str], set[str]]:
+        inspector = inspect(connection)
+        tables = set(inspector.get_table_names())
+        versions = list(connection.execute(text("select version_num from alembic_version")).scalars())
+        columns = {column["name"] for column in inspector.get_columns("served_requests")}
+        return tables, versions, columns
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(read)
+    finally:
+        await engine.dispose()
+
+
+async def test_open_migrates_the_schema(database_url: str) -> None:
+    opened = await Store.open(database_url)
     await opened.close()
-    with sqlite3.connect(database) as connection:
-        tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
-        version = connection.execute("select version_num from alembic_version").fetchall()
-        columns = {row[1] for row in connection.execute("pragma table_info(served_requests)")}
-    assert "served_requests" in tables
-    assert version == [("0001",)]
+    tables, versions, columns = await schema(database_url)
+    assert {"served_requests", "alembic_version"} <= tables
+    assert versions == [HEAD]
     assert set(ServedRequestRecord.model_fields) == columns
+
+
+async def test_opening_again_is_harmless(database_url: str) -> None:
+    first = await Store.open(database_url)
+    await first.record_request(record("kept"))
+    await first.close()
+    second = await Store.open(database_url)
+    try:
+        assert [item.request_id for item in await second.recent_requests()] == ["kept"]
+    finally:
+        await second.close()
+    _, versions, _ = await schema(database_url)
+    assert versions == [HEAD]
+
+
+async def test_concurrent_opens_in_one_process_migrate_once(database_url: str) -> None:
+    stores = await asyncio.gather(*(Store.open(database_url) for _ in range(3)))
+    for opened in stores:
+        await opened.close()
+    _, versions, _ = await schema(database_url)
+    assert versions == [HEAD]
+
+
+OPEN_ONCE = """
+import asyncio, sys
+from mycellm.ledger.store import Store
+
+async def main() -> None:
+    await (await Store.open(sys.argv[1])).close()
+
+asyncio.run(main())
+"""
+
+
+async def test_concurrent_opens_in_separate_processes_migrate_once(database_url: str) -> None:
+    # Nodes sharing one database may start together: the first migrates, the others wait for it.
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", OPEN_ONCE, database_url, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    for process in processes:
+        _, errors = await asyncio.wait_for(process.communicate(), timeout=60)
+        assert process.returncode == 0, errors.decode()
+    _, versions, _ = await schema(database_url)
+    assert versions == [HEAD]
+
+
+async def test_a_failed_migration_leaves_the_database_as_it_was(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await (await Store.open(database_url)).close()
+    before = await schema(database_url)
+    migrations = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    (migrations / "versions" / "9999_broken.py").write_text(
+        f"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "9999"
+down_revision = {HEAD!r}
+
+
+def upgrade() -> None:
+    op.create_table("half_made", sa.Column("id", sa.Integer, primary_key=True))
+    op.execute("SELECT no_such_column FROM served_requests")
+"""
+    )
+    monkeypatch.setattr(store_module, "MIGRATIONS", migrations)
+    with pytest.raises(StoreError):
+        await Store.open(database_url)
+    # Not even the first step of the broken migration stays, so a fixed one can run on this database.
+    assert await schema(database_url) == before
 
 
 async def test_open_creates_missing_parent_directories(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "x.db"
-    opened = await Store.open(database_url(path))
+    opened = await Store.open(f"sqlite+aiosqlite:///{path}")
     await opened.close()
     assert path.is_file()
+
+
+async def test_open_unreachable_postgresql_is_a_store_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens on the port: the error is ours, not a raw OSError from the driver.
+    with pytest.raises(StoreError):
+        await Store.open(f"postgresql+asyncpg://nobody:wrong@127.0.0.1:{port}/nothing")
 
 
 async def test_empty_store_totals_are_zero(store: Store) -> None:
@@ -142,12 +243,12 @@ async def test_recent_requests_order_by_instant_across_offsets(store: Store) -> 
     assert recent[1].created_at == eastern.created_at
 
 
-async def test_records_survive_reopening_the_file(database: Path) -> None:
-    first = await Store.open(database_url(database))
+async def test_records_survive_reopening_the_database(database_url: str) -> None:
+    first = await Store.open(database_url)
     await first.record_request(record("before-restart", prompt_tokens=7, completion_tokens=3))
     await first.close()
 
-    second = await Store.open(database_url(database))
+    second = await Store.open(database_url)
     try:
         assert [item.request_id for item in await second.recent_requests()] == ["before-restart"]
         assert await second.totals() == RequestTotals(

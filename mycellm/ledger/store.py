@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, func, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import Connection, CursorResult, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from mycellm.errors import MycellmError
@@ -16,6 +21,15 @@ from mycellm.ledger.records import RequestTotals, ServedRequestRecord
 from mycellm.ledger.tables import ServedRequestRow
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+# INSERT ... ON CONFLICT DO NOTHING, in the dialect of each supported backend.
+_INSERTS: dict[str, Callable[..., Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+# Alembic runs a migration through module-level proxies (alembic.context, alembic.op), so two
+# upgrades interleaved on one event loop corrupt each other: they take turns, per loop.
+_MIGRATION_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class StoreError(MycellmError):
@@ -59,27 +73,45 @@ class Store:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
         try:
             engine = create_async_engine(url)
-            async with engine.begin() as connection:
+        except ImportError as error:
+            raise StoreError(
+                f"no driver for {url.split(':', 1)[0]}: {error} (pip install 'mycellm[postgres]')"
+            ) from error
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot open the database: {error}") from error
+        if engine.dialect.name not in _INSERTS:
+            raise StoreError(f"unsupported database {engine.dialect.name}: use SQLite or PostgreSQL")
+        lock = _MIGRATION_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        try:
+            async with lock, engine.begin() as connection:
                 await connection.run_sync(_upgrade)
         except (SQLAlchemyError, OSError) as error:
+            await engine.dispose()
             raise StoreError(f"cannot open the database: {error}") from error
         return cls(engine)
 
     async def close(self) -> None:
         await self._engine.dispose()
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database engine, for the other repositories of the same store (credits)."""
+        return self._engine
+
     async def record_request(self, record: ServedRequestRecord) -> bool:
         """Store a served request; False if that request id is already recorded (idempotent)."""
+        values = record.model_dump()
+        values["created_at"] = _utc(record.created_at)
+        # ON CONFLICT DO NOTHING rather than catching IntegrityError: a failed statement aborts the
+        # whole transaction on PostgreSQL, and any other integrity error is a real error.
+        insert = _INSERTS[self._engine.dialect.name](ServedRequestRow.__table__)
+        statement = insert.values(values).on_conflict_do_nothing(index_elements=["request_id"])
         try:
             async with self._sessions.begin() as session:
-                values = record.model_dump()
-                values["created_at"] = _utc(record.created_at)
-                session.add(ServedRequestRow(**values))
-        except IntegrityError:
-            return False
+                result = cast("CursorResult[Any]", await session.execute(statement))
         except SQLAlchemyError as error:
             raise StoreError(f"cannot record request {record.request_id}: {error}") from error
-        return True
+        return bool(result.rowcount)
 
     async def recent_requests(self, limit: int = 50) -> list[ServedRequestRecord]:
         async with self._sessions() as session:
