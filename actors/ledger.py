@@ -59,8 +59,10 @@ class Ledger:
     async def require_funds(self, account_id: str, price: int) -> None:
         await self._credits().require_funds(account_id, price)
 
-    async def settle(self, receipt: bytes, served_here: bool = False) -> Settlement:
-        return await self._credits().settle(Receipt.from_bytes(receipt), served_here=served_here)
+    async def settle(self, receipt: bytes, served_here: bool = False, observed: bool = False) -> Settlement:
+        return await self._credits().settle(
+            Receipt.from_bytes(receipt), served_here=served_here, observed=observed
+        )
 
     async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None:
         await self._credits().remember_offer(request_id, peer_id, terms, signature)

@@ -139,9 +139,9 @@ class _LedgerKeeper:
         found: bytes | None = await self._call(self._ledger.receipt.remote(request_id))
         return found
 
-    async def settle(self, receipt: Receipt) -> bool:
+    async def settle(self, receipt: Receipt, observed: bool = False) -> bool:
         try:
-            await self._call(self._ledger.settle.remote(receipt.to_bytes()))
+            await self._call(self._ledger.settle.remote(receipt.to_bytes(), False, observed))
         except ReceiptError as error:
             if error.code == "receipt_replayed":
                 return False

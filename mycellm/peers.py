@@ -34,6 +34,7 @@ from mycellm.wire import (
     PeersRequestMessage,
     PingMessage,
     PongMessage,
+    ReceiptsMessage,
     RevocationsMessage,
     WireMessage,
     error_message,
@@ -106,6 +107,8 @@ class PeerService:
             if keeper is not None
             else None
         )
+        if self.settler is not None:
+            self.settler.publish = self._publish_receipt
         self.forwarder = Forwarder(self, local, settings.stream_interval_s, self.settler)
         self.sessions: dict[str, Session] = {}
         self._by_link: dict[PeerLink, Session] = {}
@@ -298,6 +301,8 @@ class PeerService:
                     with contextlib.suppress(ValueError):
                         split_address(entry.address)
                         self.registry.learn(entry.peer_id, entry.address)
+        elif isinstance(message, ReceiptsMessage) and self.settler is not None:
+            self.settler.observe(message.receipts, session.peer_id)
         elif isinstance(message, RevocationsMessage):
             accepted = self.revocations.accept(message.lists, source=session.peer_id)
             self._revocations_arrived(accepted, source=session.peer_id)
@@ -422,6 +427,12 @@ class PeerService:
         except BaseException:
             link.close("handshake failed")
             raise
+
+    def _publish_receipt(self, receipt: bytes, source: str | None) -> None:
+        message = ReceiptsMessage(receipts=(receipt,))
+        for session in list(self.sessions.values()):
+            if session.peer_id != source:
+                self._send(session, message)
 
     # -- revocations --------------------------------------------------------------------------
 

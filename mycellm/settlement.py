@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,7 +41,7 @@ class CreditKeeper(Protocol):
 
     async def join(self, account_id: str) -> int: ...
 
-    async def settle(self, receipt: Receipt) -> bool: ...  # False: it was already settled
+    async def settle(self, receipt: Receipt, observed: bool = False) -> bool: ...  # False: already settled
 
     async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None: ...
 
@@ -84,6 +85,8 @@ class Settler:
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._receipts: OrderedDict[str, bytes] = OrderedDict()
         self._payments: set[asyncio.Task[None]] = set()
+        # Set by the PeerService: pass a settled receipt on to the peers (but not to ``source``).
+        self.publish: Callable[[bytes, str | None], None] = lambda receipt, source: None
 
     # -- consumer -------------------------------------------------------------------------------
 
@@ -151,6 +154,7 @@ class Settler:
                 receipt = await self._exchange(link, encoded, signature)
                 await self.keeper.settle(receipt)
                 self.registry.paid(link.peer_id, credits(terms.price), terms.completion_tokens)
+                self.publish(receipt.to_bytes(), link.peer_id)
                 return
             except ReceiptError as error:  # refused on either side: retrying cannot help
                 logger.warning("receipt %s refused: %s", request_id, error.message)
@@ -178,6 +182,20 @@ class Settler:
         if receipt.terms != terms or receipt.consumer_signature != signature:
             raise ReceiptError("the countersigned receipt is not the one this node signed")
         return receipt
+
+    def observe(self, receipts: tuple[bytes, ...], source: str) -> None:
+        """Record receipts a peer passed on, and pass on those new to this node."""
+        task = asyncio.get_running_loop().create_task(self._observe(receipts, source))
+        self._payments.add(task)
+        task.add_done_callback(self._payments.discard)
+
+    async def _observe(self, receipts: tuple[bytes, ...], source: str) -> None:
+        for encoded in receipts:
+            try:
+                if await self.keeper.settle(Receipt.from_bytes(encoded), observed=True):
+                    self.publish(encoded, source)
+            except MycellmError as error:
+                logger.warning("a receipt from %s was refused: %s", source[:12], error.message)
 
     async def drain(self) -> None:
         if self._payments:
@@ -238,6 +256,7 @@ class Settler:
         receipt = countersign(offer.terms, offer.consumer_signature, self.identity)
         await self.keeper.settle(receipt)
         self.registry.earned(link.peer_id, credits(terms.price))
+        self.publish(receipt.to_bytes(), link.peer_id)
         self._served.pop(terms.request_id, None)
         self._receipts[terms.request_id] = receipt.to_bytes()
         while len(self._receipts) > REMEMBERED_REQUESTS:
@@ -276,9 +295,9 @@ class BookKeeper:
     async def receipt(self, request_id: str) -> bytes | None:
         return await self._book.receipt(request_id)
 
-    async def settle(self, receipt: Receipt) -> bool:
+    async def settle(self, receipt: Receipt, observed: bool = False) -> bool:
         try:
-            await self._book.settle(receipt)
+            await self._book.settle(receipt, observed=observed)
         except ReceiptError as error:
             if error.code == "receipt_replayed":
                 return False

@@ -169,6 +169,13 @@ class ReceiptMessage(WireMessage):
     receipt: bytes = Field(max_length=65536)
 
 
+class ReceiptsMessage(WireMessage):
+    """Settled receipts passed around the network, so every node can recompute every balance."""
+
+    kind: ClassVar[str] = "receipts"
+    receipts: tuple[bytes, ...] = Field(default=(), max_length=64)
+
+
 class PeerAddress(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     peer_id: PeerId
@@ -209,6 +216,7 @@ MESSAGE_TYPES: dict[str, type[WireMessage]] = {
         RevocationsMessage,
         ReceiptOfferMessage,
         ReceiptMessage,
+        ReceiptsMessage,
     )
 }
 

@@ -18,11 +18,11 @@ from mycellm.errors import PaymentRequiredError
 from mycellm.ledger.audit import audit
 from mycellm.ledger.credits import CreditBook
 from mycellm.ledger.pricing import MICRO, PriceSettings, PriceTable
-from mycellm.ledger.receipts import ReceiptTerms, draft_terms, sign_as_consumer
+from mycellm.ledger.receipts import Receipt, ReceiptTerms, draft_terms, sign_as_consumer
 from mycellm.ledger.store import Store
 from mycellm.peers import PeerService
 from mycellm.settlement import BookKeeper
-from mycellm.wire import ErrorMessage, ReceiptOfferMessage
+from mycellm.wire import ErrorMessage, PingMessage, ReceiptOfferMessage, ReceiptsMessage
 from tests.peer_kit import peer_service, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -181,10 +181,11 @@ async def test_hundreds_of_concurrent_paid_requests_conserve_credits(
 ) -> None:
     model = engine.models()[0].name
     pairs = [(trio[i % 3], trio[(i + 1 + i // 3 % 2) % 3]) for i in range(240)]
+    requests = [_request(model, max_tokens=1) for _ in pairs]
     outcomes = await asyncio.gather(
         *(
-            consumer.service.forwarder.complete(seeder.service.peer_id, _request(model, max_tokens=1))
-            for consumer, seeder in pairs
+            consumer.service.forwarder.complete(seeder.service.peer_id, request)
+            for (consumer, seeder), request in zip(pairs, requests, strict=True)
         ),
         return_exceptions=True,
     )
@@ -194,14 +195,25 @@ async def test_hundreds_of_concurrent_paid_requests_conserve_credits(
     assert len(served) >= 100
     for node in trio:
         await node.service.settler.drain()  # type: ignore[union-attr]
-    issued_total = 0
+
+    # Receipts travel the network: every node ends with every receipt and the same balances.
+    async def everywhere() -> bool:
+        return all([await node.book.is_settled(request_id) for node in trio for request_id in settled_ids])
+
+    settled_ids = [
+        request.request_id
+        for request, outcome in zip(requests, outcomes, strict=True)
+        if not isinstance(outcome, BaseException)
+    ]
+    await wait_for(everywhere, 30, "every receipt on every node")
+    books = []
     for node in trio:
         report = await audit(node.store.engine, node.book.prices, NETWORK)
         assert report.ok, report.problems[:5]
-        assert sum((await node.book.balances()).values()) == report.issued
-        issued_total += report.receipts
-    # Every receipt is on both sides: each node's receipts are those it consumed or seeded.
-    assert issued_total == 2 * len(served)
+        assert report.receipts == len(served)
+        assert sum((await node.book.balances()).values()) == report.issued == 3 * 5 * MICRO
+        books.append(await node.book.balances())
+    assert books[0] == books[1] == books[2]
     assert all(isinstance(outcome.usage, Usage) for outcome in served)
 
 
@@ -274,3 +286,23 @@ async def test_a_receipt_lost_in_a_crash_is_settled_on_retry(
     assert await a.book.pending_offers(b.service.peer_id) == []
     for node in (a, b):
         assert (await audit(node.store.engine, node.book.prices, NETWORK)).ok
+
+
+async def test_receipts_heard_from_the_network_are_checked_like_any_other(
+    trio: list[PaidNode], engine: LlamaCppEngine
+) -> None:
+    a, b, c = trio
+    model = engine.models()[0].name
+    request = _request(model, max_tokens=2)
+    await a.service.forwarder.complete(b.service.peer_id, request)
+    await wait_for(lambda: c.book.is_settled(request.request_id), 10, "C hearing of the receipt")
+    before = await c.book.balances()
+    genuine = Receipt.from_bytes(await c.book.receipt(request.request_id) or b"")
+    terms = ReceiptTerms.from_bytes(genuine.terms).model_copy(update={"request_id": "forged-1", "price": 1})
+    forged = genuine.model_copy(update={"terms": terms.to_bytes()})
+    session = a.service.session(c.service.peer_id)
+    a.service._send(session, ReceiptsMessage(receipts=(forged.to_bytes(), b"garbage")))
+    a.service._send(session, PingMessage(seq=10**6, sent_at=0.0))
+    await asyncio.sleep(0.5)
+    assert not await c.book.is_settled("forged-1") and await c.book.balances() == before
+    assert (await audit(c.store.engine, c.book.prices, NETWORK)).ok

@@ -129,7 +129,7 @@ def test_decode_body_refuses_deep_nesting() -> None:
 
 
 def test_every_kind_has_a_unique_name() -> None:
-    assert len(MESSAGE_TYPES) == 15
+    assert len(MESSAGE_TYPES) == 16
     assert all(kind == message.kind for kind, message in MESSAGE_TYPES.items())
 
 

@@ -114,21 +114,26 @@ class CreditBook:
 
     # -- settlement -------------------------------------------------------------------------------
 
-    async def settle(self, receipt: Receipt, *, served_here: bool = False) -> Settlement:
+    async def settle(
+        self, receipt: Receipt, *, served_here: bool = False, observed: bool = False
+    ) -> Settlement:
         """Record a receipt and move the credits it justifies, all in one transaction.
 
         ``served_here``: this node is the seeder, so the receipt must match a request it served.
+        ``observed``: a receipt between two other parties, heard from the network. It is a fact both
+        parties signed, so it is recorded even where this node's view of the consumer's balance is
+        short (that view missed a receipt still on its way); its refusals are otherwise the same.
         Refused with ReceiptError (nothing changes): forged or tampered signatures, mispriced
         amounts, another network, a replay, a conflicting receipt for the same request, or a
         request this node did not serve. PaymentRequiredError if the consumer cannot pay.
         """
-        (outcome,) = await self.settle_many([receipt], served_here=served_here)
+        (outcome,) = await self.settle_many([receipt], served_here=served_here, observed=observed)
         if isinstance(outcome, MycellmError):
             raise outcome
         return outcome
 
     async def settle_many(
-        self, receipts: Sequence[Receipt], *, served_here: bool = False
+        self, receipts: Sequence[Receipt], *, served_here: bool = False, observed: bool = False
     ) -> list[Settlement | MycellmError]:
         """Settle receipts in one transaction, in order; each is accepted or refused on its own.
 
@@ -153,7 +158,7 @@ class CreditBook:
         for attempt in range(2):
             try:
                 async with self._transaction() as session:
-                    settled = await self._apply(session, checked, served_here)
+                    settled = await self._apply(session, checked, served_here, observed)
                 break
             except IntegrityError:  # a receipt of the batch was settled concurrently: look again
                 if attempt:
@@ -181,7 +186,11 @@ class CreditBook:
         return results
 
     async def _apply(
-        self, session: AsyncSession, checked: list[tuple[int, CheckedReceipt, bytes]], served_here: bool
+        self,
+        session: AsyncSession,
+        checked: list[tuple[int, CheckedReceipt, bytes]],
+        served_here: bool,
+        observed: bool = False,
     ) -> dict[int, Settlement | MycellmError]:
         outcomes: dict[int, Settlement | MycellmError] = {}
         request_ids = [item.request_id for _, item, _ in checked]
@@ -228,7 +237,7 @@ class CreditBook:
         now = _now()
         for index, item, encoded in admissible:
             terms, consumer = item.terms, item.consumer.account_id
-            if balances[consumer] < terms.price:
+            if balances[consumer] < terms.price and not observed:
                 outcomes[index] = PaymentRequiredError(
                     f"balance {credits(balances[consumer]):.6f} credits does not cover the price "
                     f"{credits(terms.price):.6f} credits",
