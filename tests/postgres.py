@@ -10,6 +10,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -99,6 +100,7 @@ class PostgresServer:
         self.port = 0
         self.started = False
         self.startup_s = 0.0
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def start(cls, timeout_s: float = 60.0) -> PostgresServer:
@@ -108,6 +110,7 @@ class PostgresServer:
         owner = _system_user() if os.geteuid() == 0 else None
         server = cls(bin_dir, Path(tempfile.mkdtemp(prefix="mycellm-postgres-")), owner)
         try:
+            server._watch()
             server._initdb(timeout_s)
             server._start(timeout_s)
         except BaseException:
@@ -146,6 +149,9 @@ class PostgresServer:
                 self.started = False
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self._watchdog is not None:
+                self._watchdog.kill()
+                self._watchdog.wait(10)
         if failure:
             raise PostgresError(f"cannot stop the test PostgreSQL server: {failure}")
 
@@ -154,6 +160,18 @@ class PostgresServer:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError as error:
             return f"(no server log: {error})"
+
+    def _watch(self) -> None:
+        # A test run killed outright (SIGKILL, SIGTERM, a second Ctrl-C) never reaches stop(): this
+        # process outlives it, in its own session, and then stops the server and removes the directory.
+        self._watchdog = subprocess.Popen(
+            [sys.executable, __file__, str(os.getpid()), str(self.bin_dir), str(self.root)]
+            + ([] if self.owner is None else [str(self.owner.pw_uid), str(self.owner.pw_gid)]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def _initdb(self, timeout_s: float) -> None:
         if self.owner is not None:
@@ -212,9 +230,9 @@ class PostgresServer:
             log = self.log_tail()
             if "could not bind" not in log and "could not create any TCP/IP sockets" not in log:
                 raise PostgresError(
-                    f"the test PostgreSQL server did not start within {timeout_s:.0f} s "
-                    f"(pg_ctl exit {result.returncode}): {result.stdout}{result.stderr}\n"
-                    f"server log ({self.log_file}):\n{log}"
+                    f"the test PostgreSQL server did not start (pg_ctl exit {result.returncode}, "
+                    f"waiting at most {timeout_s:.0f} s): {result.stdout}{result.stderr}\n"
+                    f"end of the server log:\n{log}"
                 )
             self._run(["pg_ctl", "stop", "-D", str(self.data_dir), "-m", "immediate", "-w"], 40)
             self.started = False
@@ -248,3 +266,28 @@ class PostgresServer:
             )
         except (OSError, subprocess.TimeoutExpired) as error:
             raise PostgresError(f"{command[0]} failed: {error}\nserver log:\n{self.log_tail()}") from error
+
+
+def _clean_up_after(parent: int, bin_dir: Path, root: Path, owner: tuple[int, int] | None) -> None:
+    """The watchdog: wait for the test process to end, then stop its server if it is still there."""
+    while os.getppid() == parent and root.exists():
+        time.sleep(1)
+    if (root / "data" / "postmaster.pid").exists():
+        subprocess.run(
+            [str(bin_dir / "pg_ctl"), "stop", "-D", str(root / "data"), "-m", "immediate", "-w"],
+            cwd=root,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            user=None if owner is None else owner[0],
+            group=None if owner is None else owner[1],
+            extra_groups=None if owner is None else [],
+        )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _parent, _bin_dir, _root, *_owner = sys.argv[1:]
+    _clean_up_after(
+        int(_parent), Path(_bin_dir), Path(_root), (int(_owner[0]), int(_owner[1])) if _owner else None
+    )

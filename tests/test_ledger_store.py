@@ -118,7 +118,7 @@ async def test_concurrent_opens_in_separate_processes_migrate_once(database_url:
         await asyncio.create_subprocess_exec(
             sys.executable, "-c", OPEN_ONCE, database_url, stderr=asyncio.subprocess.PIPE
         )
-        for _ in range(3)
+        for _ in range(4)
     ]
     for process in processes:
         _, errors = await asyncio.wait_for(process.communicate(), timeout=60)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -24,6 +23,7 @@ from mycellm.errors import MycellmError, PaymentRequiredError, ReceiptError
 from mycellm.ledger.credit_tables import CreditAccountRow, CreditEntryRow, PendingReceiptRow, ReceiptRow
 from mycellm.ledger.pricing import PriceTable, credits
 from mycellm.ledger.receipts import CheckedReceipt, Receipt, check_receipt
+from mycellm.ledger.store import INSERTS
 from mycellm.ledger.tables import ServedRequestRow
 
 
@@ -70,10 +70,9 @@ class CreditBook:
 
     async def _ensure_member(self, session: AsyncSession, account_id: str) -> None:
         """Open the account with the initial grant if it is new (inside the caller's transaction)."""
-        dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
         now, grant = _now(), self.prices.initial_grant
         inserted = await session.execute(
-            dialect.insert(CreditAccountRow)
+            INSERTS[self._engine.dialect.name](CreditAccountRow)
             .values(network_id=self.network_id, account_id=account_id, balance=grant, created_at=now)
             .on_conflict_do_nothing(index_elements=["network_id", "account_id"])
         )

@@ -26,7 +26,7 @@ class ServedRequestRecord(BaseModel):
     time_to_first_token_ms: float | None = Field(default=None, ge=0)
     duration_ms: float = Field(ge=0)
     outcome: Outcome
-    error_code: str | None = None
+    error_code: str | None = Field(default=None, max_length=64)
     created_at: datetime
 
 

@@ -23,7 +23,7 @@ from mycellm.ledger.tables import ServedRequestRow
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 # INSERT ... ON CONFLICT DO NOTHING, in the dialect of each supported backend.
-_INSERTS: dict[str, Callable[..., Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+INSERTS: dict[str, Callable[..., Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 # Alembic runs a migration through module-level proxies (alembic.context, alembic.op), so two
 # upgrades interleaved on one event loop corrupt each other: they take turns, per loop.
@@ -79,7 +79,7 @@ class Store:
             ) from error
         except SQLAlchemyError as error:
             raise StoreError(f"cannot open the database: {error}") from error
-        if engine.dialect.name not in _INSERTS:
+        if engine.dialect.name not in INSERTS:
             raise StoreError(f"unsupported database {engine.dialect.name}: use SQLite or PostgreSQL")
         lock = _MIGRATION_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
         try:
@@ -104,7 +104,7 @@ class Store:
         values["created_at"] = _utc(record.created_at)
         # ON CONFLICT DO NOTHING rather than catching IntegrityError: a failed statement aborts the
         # whole transaction on PostgreSQL, and any other integrity error is a real error.
-        insert = _INSERTS[self._engine.dialect.name](ServedRequestRow.__table__)
+        insert = INSERTS[self._engine.dialect.name](ServedRequestRow.__table__)
         statement = insert.values(values).on_conflict_do_nothing(index_elements=["request_id"])
         try:
             async with self._sessions.begin() as session:

@@ -62,7 +62,7 @@ class RequestTally:
             "time_to_first_token_ms": None if first is None else first * 1000,
             "duration_ms": self.elapsed_s * 1000,
             "outcome": self.outcome,
-            "error_code": self.error_code,
+            "error_code": None if self.error_code is None else self.error_code[:64],  # the column's width
             "created_at": datetime.now(UTC),
         }
         return ServedRequestRecord.model_validate(values)
