@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mycellm.config import NodeSettings, join_address, split_address
 from mycellm.devices import RevocationList
+from mycellm.dialer import Dialer
 from mycellm.errors import IdentityError, MycellmError, PeerError, ProtocolError
 from mycellm.forwarding import Forwarder, LocalServer
 from mycellm.identity import DeviceCertificate, NodeIdentity
@@ -45,8 +45,6 @@ logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 5.0
 DIAL_TIMEOUT_S = 5.0
-DIAL_TICK_S = 0.25
-FIRST_BACKOFF_S = 0.5
 REGISTRY_FILE = "peers.json"
 
 
@@ -64,14 +62,6 @@ class Session:
     @property
     def peer_id(self) -> str:
         return self.link.peer_id
-
-
-@dataclass
-class _Dial:
-    attempts: int = 0
-    next_at: float = 0.0
-    task: asyncio.Task[None] | None = None
-    is_self: bool = False
 
 
 class PeerService:
@@ -112,7 +102,7 @@ class PeerService:
         self.forwarder = Forwarder(self, local, settings.stream_interval_s, self.settler)
         self.sessions: dict[str, Session] = {}
         self._by_link: dict[PeerLink, Session] = {}
-        self._dials: dict[str, _Dial] = {address: _Dial() for address in settings.bootstrap_peers}
+        self._dialer = Dialer(self._wanted, self._dial, settings.reconnect_max_backoff_s)
         self._seq = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self.address: str | None = settings.resolved_advertise_address
@@ -127,7 +117,7 @@ class PeerService:
         self._revocations_arrived(self.revocations.refresh_own(), source=None)
         self._tasks = [
             asyncio.create_task(self._heartbeats()),
-            asyncio.create_task(self._dialer()),
+            asyncio.create_task(self._dialer.run()),
             asyncio.create_task(self._exchanges()),
         ]
         logger.info("QUIC on %s:%d as %s", self._settings.resolved_quic_host, self.port, self.peer_id[:16])
@@ -136,9 +126,7 @@ class PeerService:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for dial in self._dials.values():
-            if dial.task is not None:
-                dial.task.cancel()
+        self._dialer.stop()
         await self.forwarder.close()
         if self.settler is not None:
             with contextlib.suppress(TimeoutError):
@@ -388,35 +376,18 @@ class PeerService:
                 wanted.append(record.address)
         return wanted
 
-    async def _dialer(self) -> None:
-        while True:
-            now = time.monotonic()
-            for address in self._wanted():
-                dial = self._dials.setdefault(address, _Dial())
-                if dial.is_self or (dial.task is not None and not dial.task.done()) or now < dial.next_at:
-                    continue
-                dial.task = asyncio.create_task(self._dial(address, dial))
-            await asyncio.sleep(DIAL_TICK_S)
-
-    async def _dial(self, address: str, dial: _Dial) -> None:
+    async def _dial(self, address: str) -> bool:
+        host, port = split_address(address)
+        link = await self.endpoint.connect(host, port, DIAL_TIMEOUT_S)
+        if link.peer_id == self.peer_id:
+            link.close("dialed itself")
+            return False
         try:
-            host, port = split_address(address)
-            link = await self.endpoint.connect(host, port, DIAL_TIMEOUT_S)
-            if link.peer_id == self.peer_id:
-                dial.is_self = True
-                link.close("dialed itself")
-                return
-            try:
-                await self._handshake(link, address)
-            except BaseException:
-                link.close("handshake failed")
-                raise
-            dial.attempts = 0
-        except (MycellmError, ValueError, OSError) as error:
-            dial.attempts += 1
-            backoff = min(self._settings.reconnect_max_backoff_s, FIRST_BACKOFF_S * 2 ** (dial.attempts - 1))
-            dial.next_at = time.monotonic() + backoff * random.uniform(0.8, 1.0)
-            logger.info("dial %s failed (%s); next try in %.1f s", address, error, backoff)
+            await self._handshake(link, address)
+        except BaseException:
+            link.close("handshake failed")
+            raise
+        return True
 
     async def connect(self, address: str) -> Session:
         """Dial ``address`` now and return the session (for tools and tests)."""
