@@ -86,6 +86,21 @@ class NodeProcess:
         return f"127.0.0.1:{self.quic_port}"
 
     def start(self, timeout_s: float = 240.0) -> None:
+        """Start and wait until healthy. A first start whose HTTP port was taken meanwhile (three
+        Ray clusters starting at once grab many ports) tries again on another port."""
+        for attempt in range(3):
+            try:
+                self._launch(timeout_s)
+                self._started_before = True
+                return
+            except RuntimeError as error:
+                collided = "Failed to bind" in str(error) or "Address already in use" in str(error)
+                if getattr(self, "_started_before", False) or not collided or attempt == 2:
+                    raise
+                self.kill()
+                self.port = free_port()
+
+    def _launch(self, timeout_s: float) -> None:
         ray_temp = tempfile.mkdtemp(prefix="mcray", dir="/tmp")
         command = [
             sys.executable,

@@ -199,6 +199,19 @@ def test_routing_options_that_cannot_be_met_give_422(network: Network) -> None:
     assert response.status_code == 200 and response.headers["x-mycellm-routed-to"] == network.ids["c"]
 
 
+def test_a_request_its_node_cannot_pay_for_gets_402_before_any_work(network: Network) -> None:
+    served_before = httpx.get(f"{network.c.url}/v1/node/requests", timeout=10).json()["data"]
+    response = httpx.post(
+        f"{network.a.url}/v1/chat/completions",
+        json={"model": "smol-c", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000_000},
+        timeout=30,
+    )
+    assert response.status_code == 402
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_credits" and "does not cover the price" in error["message"]
+    assert httpx.get(f"{network.c.url}/v1/node/requests", timeout=10).json()["data"] == served_before
+
+
 def test_a_client_that_leaves_cancels_the_generation_on_the_remote_node(network: Network) -> None:
     body = {
         "model": "smol-c",
