@@ -1,6 +1,7 @@
 """Ray Serve ingress of a node: the OpenAI API, the node API, /health and /metrics on :8420."""
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from mycellm.errors import (
     NoRouteError,
     RequestCancelledError,
 )
+from mycellm.ledger.records import ServedRequestRecord
 from mycellm.ledger.tally import RequestTally
 from mycellm.metrics import NodeMetrics
 from mycellm.model_cards import model_cards
@@ -106,6 +108,8 @@ class NodeIngress:
         self._started = time.time()
         self._metrics = NodeMetrics()
         self._route_table: list[Route] | None = None
+        self._records: asyncio.Queue[ServedRequestRecord] = asyncio.Queue()
+        self._recorder: asyncio.Task[None] | None = None
         self._route_table_at = 0.0
 
     # -- OpenAI API ---------------------------------------------------------------------------
@@ -442,6 +446,10 @@ class NodeIngress:
                     remaining = remaining[remaining.index(route) + 1 :]
                     target, current = self._target(route), resumed.request_id
             yield b"data: [DONE]\n\n"
+        except RequestCancelledError as error:
+            # The client is gone (Serve cancelled our calls): nobody reads what we would send, and a
+            # yield here could wait for a reader that never comes, so the record would be lost.
+            served.fail(error)
         except MycellmError as error:
             served.fail(error)
             yield _sse(error.to_openai())
@@ -462,4 +470,19 @@ class NodeIngress:
         record = served.to_record()
         self._metrics.observe(served, record.route_kind if record else "none")
         if record is not None:  # None: rejected before routing, nothing was served
-            self._ledger.record_request.remote(record)  # fire and forget: off the response path
+            self._records.put_nowait(record)
+            if self._recorder is None or self._recorder.done():
+                # A task of its own, in a context of its own: a call made from the request's task
+                # is cancelled with the request when its client leaves, and the record was lost.
+                self._recorder = asyncio.get_running_loop().create_task(
+                    self._record_loop(), context=contextvars.Context()
+                )
+
+    async def _record_loop(self) -> None:
+        """Hand records to the Ledger off the response path, one after another."""
+        while not self._records.empty():
+            record = self._records.get_nowait()
+            try:
+                await asyncio.wait_for(self._ledger.record_request.remote(record), timeout=30.0)
+            except (TimeoutError, ray.exceptions.RayError) as error:
+                logger.warning("could not record %s: %s", record.request_id, error)
