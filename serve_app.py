@@ -1,14 +1,14 @@
-"""Ray Serve ingress of a node: the OpenAI API, the node API, /health and /metrics on :8420."""
+"""Ray Serve ingress of a node: thin HTTP routes for the OpenAI API, the node API, /health, /metrics.
+
+Routes read the request, call ``mycellm.api.serving`` (failover, resume, usage: Ray-free) or an
+actor, and choose the HTTP status. ``deploy`` puts the ingress in front of a node's actors and
+``run_node`` runs a whole node in the foreground (what ``mycellm serve`` calls).
+"""
 
 import asyncio
-import contextvars
-import json
 import logging
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import ray
 from fastapi import FastAPI, Request
@@ -16,49 +16,51 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.routing import Route as StarletteRoute
 
-from actors.errors import unwrap_ray_error
-from actors.targets import RouteTarget, route_target
+from actors import node as node_runner
+from actors.builders import APP_NAME, Node
+from actors.calls import call_actor
+from actors.recorder import Recorder
+from actors.targets import route_target
 from mycellm import __version__
-from mycellm.engines.base import EmbeddingRequest, GenerationChunk, GenerationRequest
-from mycellm.errors import (
-    EngineError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    MycellmError,
-    NoRouteError,
-    RequestCancelledError,
+from mycellm.api.auth import Caller, KeyGate, error_headers
+from mycellm.api.budgets import BudgetKeeper
+from mycellm.api.keys import KeyCreateBody, key_view
+from mycellm.api.metrics import NodeMetrics
+from mycellm.api.model_cards import model_cards
+from mycellm.api.networks import NETWORK_HEADER, choose_network
+from mycellm.api.openai import ChatCompletionBody, CompletionBody, EmbeddingBody, parse_body
+from mycellm.api.openapi import (
+    account_query,
+    install_document,
+    key_id_path,
+    limit_query,
+    network_query,
+    offset_query,
+    role_query,
+    route_doc,
 )
-from mycellm.ledger.records import ServedRequestRecord
-from mycellm.ledger.tally import RequestTally
-from mycellm.metrics import NodeMetrics
-from mycellm.model_cards import model_cards
-from mycellm.openai_api import (
-    ChatCompletionBody,
-    CompletionBody,
-    EmbeddingBody,
-    chat_chunk_json,
-    chat_completion_json,
-    completion_chunk_json,
-    completion_json,
-    embeddings_json,
-    error_json,
-    parse_body,
-    usage_chunk_json,
-)
-from mycellm.routing import Route, rank_routes
+from mycellm.api.query_checks import account_param, check_network, check_page, check_role
+from mycellm.api.responses import error_json
+from mycellm.api.serving import MISS_REFRESH_S, Answer, NodeServing
+from mycellm.api.tally import RequestTally
+from mycellm.config import NodeSettings
+from mycellm.errors import ModelNotFoundError, MycellmError, NetworkNotFoundError
+from mycellm.identity.keys import NodeIdentity
+from mycellm.ledger.pricing import PriceTable
+from mycellm.routing.directory import RouteSnapshot
 
 logger = logging.getLogger("mycellm.serve")
 
-ROUTE_CACHE_S = 1.0
-DISCONNECT_CHECK_S = 0.25
-
 app = FastAPI(title="mycellm", version=__version__, docs_url=None, redoc_url=None)
+install_document(app)
 
 
 @app.exception_handler(MycellmError)
 async def _mycellm_error(request: Request, error: MycellmError) -> JSONResponse:
-    return JSONResponse(error.to_openai(), status_code=error.status)
+    return JSONResponse(error.to_openai(), status_code=error.status, headers=error_headers(error))
 
 
 @app.exception_handler(RequestValidationError)
@@ -70,27 +72,29 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     )
 
 
+def _allowed_methods(routes: list[Any], scope: Any) -> set[str]:
+    """The methods of every route of ``scope``'s path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in routes:
+        if hasattr(route, "original_router"):  # Serve's ingress includes the class's routes
+            methods |= _allowed_methods(route.original_router.routes, scope)
+        elif isinstance(route, StarletteRoute) and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return methods
+
+
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_json(str(error.detail), kind), status_code=error.status_code)
+    headers = error.headers
+    if error.status_code == 405:  # the Allow header (RFC 9110) lists every method of the path
+        headers = {"Allow": ", ".join(sorted(_allowed_methods(app.routes, request.scope)))}
+    return JSONResponse(error_json(str(error.detail), kind), status_code=error.status_code, headers=headers)
 
 
-def _account_param(account: str | None) -> str | None:
-    if account is not None and not re.fullmatch(r"[0-9a-f]{64}", account):
-        raise InvalidRequestError(
-            "account must be an account id (64 lowercase hex characters)", param="account"
-        )
-    return account
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-@serve.deployment(name="NodeIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-@serve.ingress(app)
 class NodeIngress:
+    """The HTTP ingress of one node; made a Serve deployment by ``build_app``."""
+
     def __init__(
         self,
         node: dict[str, Any],
@@ -107,60 +111,57 @@ class NodeIngress:
         self._timeout_s = float(node.get("request_timeout_s", 600.0))
         self._started = time.time()
         self._metrics = NodeMetrics()
-        self._route_table: list[Route] | None = None
-        self._records: asyncio.Queue[ServedRequestRecord] = asyncio.Queue()
-        self._recorder: asyncio.Task[None] | None = None
-        self._route_table_at = 0.0
+        self._recorder = Recorder(ledger)
+        self._gate = KeyGate(node["auth"], node["host"], self._load_keys)
+        self._budgets = BudgetKeeper(PriceTable(node["credits"]), self._reserve, self._settle)
+        self._serving = NodeServing(
+            node_peer_id=node["peer_id"],
+            route_table=self._route_table,
+            target_for=lambda route: route_target(route, workers, peer_manager, self._timeout_s),
+            on_finished=self._finished,
+            open_wait_s=self._timeout_s,
+            on_started=lambda served: self._metrics.in_flight.inc(),
+            budgets=self._budgets,
+        )
 
     # -- OpenAI API ---------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **route_doc("chat_completions"))
     async def chat_completions(self, request: Request) -> Response:
+        caller = await self._admit(request, "chat_completions")
         body = parse_body(await request.body(), ChatCompletionBody)
-        return await self._generate(body, "chat", request)
+        network = request.headers.get(NETWORK_HEADER)
+        return self._respond(await self._serving.generate(body, request.is_disconnected, caller, network))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **route_doc("completions"))
     async def completions(self, request: Request) -> Response:
+        caller = await self._admit(request, "completions")
         body = parse_body(await request.body(), CompletionBody)
-        return await self._generate(body, "completion", request)
+        network = request.headers.get(NETWORK_HEADER)
+        return self._respond(await self._serving.generate(body, request.is_disconnected, caller, network))
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", **route_doc("embeddings"))
     async def embeddings(self, request: Request) -> Response:
+        caller = await self._admit(request, "embeddings")
         body = parse_body(await request.body(), EmbeddingBody)
-        inputs = body.inputs()
-        served = RequestTally(f"embd-{uuid.uuid4().hex}", "embedding", body.model)
-        self._metrics.in_flight.inc()
-        try:
-            routes = await self._routes(body.model, body.mycellm, "embeddings")
-            route = routes[0]
-            served.route, served.model = route, route.model.name
-            embed_request = EmbeddingRequest(
-                request_id=served.request_id, model=route.model.name, inputs=inputs
-            )
-            result = await self._call(self._target(route).embed(embed_request))
-            served.prompt_tokens = result.prompt_tokens
-            served.mark_first_token()
-            return JSONResponse(embeddings_json(route.model.name, result, body.encoding_format))
-        except BaseException as error:
-            served.fail(error)
-            raise
-        finally:
-            self._finish(served)
+        return self._respond(await self._serving.embed(body, caller, request.headers.get(NETWORK_HEADER)))
 
-    @app.get("/v1/models")
-    async def list_models(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": await self._model_cards()})
+    @app.get("/v1/models", **route_doc("list_models"))
+    async def list_models(self, request: Request) -> JSONResponse:
+        caller = await self._admit(request, "list_models")
+        return JSONResponse({"object": "list", "data": await self._model_cards(caller, request)})
 
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str) -> JSONResponse:
-        for card in await self._model_cards():
+    @app.get("/v1/models/{model_id:path}", **route_doc("get_model"))
+    async def get_model(self, request: Request, model_id: str) -> JSONResponse:
+        caller = await self._admit(request, "get_model")
+        for card in await self._model_cards(caller, request):
             if card["id"] == model_id:
                 return JSONResponse(card)
         raise ModelNotFoundError(f"The model '{model_id}' does not exist", param="model")
 
     # -- node API -------------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get("/health", **route_doc("health"))
     async def health(self) -> JSONResponse:
         workers = await self._describe_workers()
         # A relay (no local model) is healthy with no workers; a node with workers needs them ready.
@@ -170,10 +171,11 @@ class NodeIngress:
             status_code=200 if ready else 503,
         )
 
-    @app.get("/v1/node/status")
-    async def node_status(self) -> JSONResponse:
+    @app.get("/v1/node/status", **route_doc("node_status"))
+    async def node_status(self, request: Request) -> JSONResponse:
+        await self._admit(request, "node_status")
         workers = await self._describe_workers()
-        totals = await self._call(self._ledger.totals.remote())
+        totals = await self._call_actor(self._ledger.totals.remote())
         return JSONResponse(
             {
                 "peer_id": self._node["peer_id"],
@@ -188,76 +190,143 @@ class NodeIngress:
             }
         )
 
-    @app.get("/v1/node/requests")
-    async def node_requests(self, limit: int = 50) -> JSONResponse:
-        if not 1 <= limit <= 1000:
-            raise InvalidRequestError("limit must be between 1 and 1000", param="limit")
-        records = await self._call(self._ledger.recent_requests.remote(limit))
+    @app.get("/v1/node/requests", **route_doc("node_requests"))
+    async def node_requests(
+        self, request: Request, limit: Annotated[int, limit_query()] = 50
+    ) -> JSONResponse:
+        await self._admit(request, "node_requests")
+        check_page(limit)
+        records = await self._call_actor(self._ledger.recent_requests.remote(limit))
         return JSONResponse(
             {"object": "list", "data": [record.model_dump(mode="json") for record in records]}
         )
 
-    @app.get("/v1/node/credits")
-    async def node_credits(self, account: str | None = None, limit: int = 20) -> JSONResponse:
-        account_id = _account_param(account) or self._node["account_id"]
-        if not 1 <= limit <= 1000:
-            raise InvalidRequestError("limit must be between 1 and 1000", param="limit")
-        return JSONResponse(await self._call(self._ledger.credits_view.remote(account_id, limit)))
+    @app.get("/v1/node/credits", **route_doc("node_credits"))
+    async def node_credits(
+        self,
+        request: Request,
+        account: Annotated[str | None, account_query("An account id; the node's own when absent")] = None,
+        limit: Annotated[int, limit_query()] = 20,
+        network: Annotated[str | None, network_query()] = None,
+    ) -> JSONResponse:
+        caller = await self._admit(request, "node_credits")
+        account_id = account_param(account) or self._node["account_id"]
+        check_page(limit)
+        book = await self._books(caller, network)
+        return JSONResponse(await self._call_actor(self._ledger.credits_view.remote(account_id, limit, book)))
 
-    @app.get("/v1/node/receipts")
+    @app.get("/v1/node/receipts", **route_doc("node_receipts"))
     async def node_receipts(
         self,
-        limit: int = 50,
-        offset: int = 0,
-        account: str | None = None,
-        role: str = "any",
+        request: Request,
+        limit: Annotated[int, limit_query()] = 50,
+        offset: Annotated[int, offset_query()] = 0,
+        account: Annotated[str | None, account_query("Only receipts of this account")] = None,
+        role: Annotated[str, role_query()] = "any",
         model: str | None = None,
+        network: Annotated[str | None, network_query()] = None,
     ) -> JSONResponse:
-        if not 1 <= limit <= 1000:
-            raise InvalidRequestError("limit must be between 1 and 1000", param="limit")
-        if offset < 0:
-            raise InvalidRequestError("offset must not be negative", param="offset")
-        if role not in ("any", "consumer", "seeder"):
-            raise InvalidRequestError("role must be any, consumer or seeder", param="role")
-        page = await self._call(
-            self._ledger.receipts.remote(limit, offset, _account_param(account), role, model)
+        caller = await self._admit(request, "node_receipts")
+        check_page(limit, offset)
+        check_role(role)
+        book = await self._books(caller, network)
+        page = await self._call_actor(
+            self._ledger.receipts.remote(limit, offset, account_param(account), role, model, book)
         )
         return JSONResponse({"object": "list", "data": page, "limit": limit, "offset": offset})
 
-    @app.get("/v1/node/peers")
-    async def node_peers(self) -> JSONResponse:
+    @app.get("/v1/node/peers", **route_doc("node_peers"))
+    async def node_peers(self, request: Request) -> JSONResponse:
+        await self._admit(request, "node_peers")
         if self._peer_manager is None:
             return JSONResponse({"object": "list", "data": [], "connected": []})
-        view = await self._call(self._peer_manager.describe.remote())
+        view = await self._call_actor(self._peer_manager.describe.remote())
         return JSONResponse({"object": "list", "data": view.pop("peers"), **view})
 
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
+    @app.get("/metrics", **route_doc("metrics"))
+    async def metrics(self, request: Request) -> Response:
+        await self._admit(request, "metrics")
         return Response(self._metrics.render(), media_type=self._metrics.content_type)
+
+    # -- API keys (admin) -----------------------------------------------------------------------
+
+    @app.get("/v1/node/keys", **route_doc("list_keys"))
+    async def list_keys(self, request: Request) -> JSONResponse:
+        await self._admit(request, "list_keys")
+        records = await self._call_actor(self._ledger.api_keys.remote())
+        now = time.time()
+        return JSONResponse({"object": "list", "data": [key_view(record, now) for record in records]})
+
+    @app.post("/v1/node/keys", **route_doc("create_key"))
+    async def create_key(self, request: Request) -> JSONResponse:
+        await self._admit(request, "create_key")
+        body = parse_body(await request.body(), KeyCreateBody)
+        if body.network is not None:  # kept by id: a name may be ambiguous later
+            entry = (await self._serving.snapshot()).network(body.network, "network")
+            body = body.model_copy(update={"network": entry.network_id})
+        now = time.time()
+        text, record = body.mint(now)
+        await self._call_actor(self._ledger.create_api_key.remote(record))
+        self._gate.forget()
+        return JSONResponse(key_view(record, now) | {"key": text})
+
+    @app.delete("/v1/node/keys/{key_id}", **route_doc("revoke_key"))
+    async def revoke_key(self, request: Request, key_id: Annotated[str, key_id_path()]) -> JSONResponse:
+        await self._admit(request, "revoke_key")
+        record = await self._call_actor(self._ledger.revoke_api_key.remote(key_id))
+        self._gate.forget()
+        return JSONResponse(key_view(record, time.time()))
 
     # -- internals ------------------------------------------------------------------------------
 
-    async def _call(self, reference: Any) -> Any:
-        """Await a Ray call with the node's timeout, translating Ray's errors into ours."""
-        try:
-            return await asyncio.wait_for(reference, timeout=self._timeout_s)
-        except TimeoutError as error:
-            raise EngineError(f"no answer within {self._timeout_s:.0f} s") from error
-        except ray.exceptions.RayError as error:
-            raise unwrap_ray_error(error) from error
+    async def _admit(self, request: Request, route: str) -> Caller:
+        source = request.client.host if request.client is not None else "unknown"
+        return await self._gate.admit(request.headers, source, route)
 
-    async def _routes(self, model: str, options: Any, capability: str) -> list[Route]:
-        # The Resolver owns the table; the ingress ranks on a copy refreshed at most every
-        # ROUTE_CACHE_S (and at once after a route fails), keeping an RPC off every request.
-        now = time.monotonic()
-        if self._route_table is None or now - self._route_table_at > ROUTE_CACHE_S:
-            routes = await self._call(self._resolver.routes.remote())
-            self._route_table, self._route_table_at = routes, now
-        ranked = rank_routes(self._route_table, model, options, capability=capability)
-        return ranked[:1] if options is not None and options.fallback == "fail" else ranked
+    async def _load_keys(self, used: dict[str, float]) -> Any:
+        return await self._call_actor(self._ledger.api_keys.remote(used))
 
-    def _target(self, route: Route) -> RouteTarget:
-        return route_target(route, self._workers, self._peer_manager)
+    async def _reserve(self, key_id: str, request_id: str, amount: int, now: float) -> bool:
+        return bool(
+            await self._call_actor(self._ledger.reserve_budget.remote(key_id, request_id, amount, now))
+        )
+
+    async def _settle(self, key_id: str, request_id: str, actual: int, now: float, reserved: bool) -> bool:
+        settled = self._ledger.settle_budget.remote(key_id, request_id, actual, now, reserved)
+        return bool(await self._call_actor(settled))
+
+    async def _call_actor(self, reference: Any) -> Any:
+        return await call_actor(reference, self._timeout_s)
+
+    async def _route_table(self) -> RouteSnapshot:
+        snapshot: RouteSnapshot = await self._call_actor(self._resolver.snapshot.remote())
+        return snapshot
+
+    async def _books(self, caller: Caller, asked: str | None) -> str:
+        """The network whose books a credits or receipts read shows (the query's, the key's, the default)."""
+        network = choose_network(await self._serving.snapshot(), caller, check_network(asked))
+        if network is None:
+            raise NetworkNotFoundError(
+                "this node is in no network yet, so it keeps no credits: create one or join one"
+                " (mycellm network create | join)",
+                param="network",
+            )
+        return network.network_id
+
+    def _respond(self, answer: Answer) -> Response:
+        headers = {
+            "X-Mycellm-Routed-To": answer.served_by,
+            "X-Mycellm-Route": f"{answer.route.kind}:{answer.route.target}",
+        }
+        if answer.events is not None:
+            return StreamingResponse(answer.events, media_type="text/event-stream", headers=headers)
+        return JSONResponse(answer.payload, headers=headers)
+
+    def _finished(self, served: RequestTally) -> None:
+        record = served.to_record()
+        self._metrics.observe(served, record.route_kind if record else "none")
+        if record is not None:  # None: rejected before routing, nothing was served
+            self._recorder.record(record)
 
     async def _describe_workers(self) -> list[dict[str, Any]]:
         async def describe(name: str, worker: Any) -> dict[str, Any]:
@@ -268,221 +337,49 @@ class NodeIngress:
 
         return list(await asyncio.gather(*(describe(name, worker) for name, worker in self._workers.items())))
 
-    async def _model_cards(self) -> list[dict[str, Any]]:
-        routes = await self._call(self._resolver.routes.remote())
+    async def _model_cards(
+        self, caller: Caller | None = None, request: Request | None = None
+    ) -> list[dict[str, Any]]:
+        header = request.headers.get(NETWORK_HEADER) if request is not None else None
+        network = await self._serving.network(caller, None, header)
+        routes = (await self._serving.snapshot(MISS_REFRESH_S)).routes_of(network)  # a listing: fresh
         return model_cards(routes, self._node["peer_id"], int(self._started))
 
-    async def _generate(
-        self, body: ChatCompletionBody | CompletionBody, endpoint: str, request: Request
-    ) -> Response:
-        prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-        served = RequestTally(f"{prefix}-{uuid.uuid4().hex}", endpoint, body.model)
-        self._metrics.in_flight.inc()
-        try:
-            body.check_supported()
-            routes = await self._routes(body.model, body.mycellm, "chat")
-            generation = body.to_request(served.request_id, routes[0].model.name)
-            if body.stream:
-                first, route = await self._open(generation, routes, served)
-                stream = self._stream(body, generation, route, first, served, request, routes)
-                return StreamingResponse(
-                    stream, media_type="text/event-stream", headers=self._route_headers(route)
-                )
-            result, route = await self._complete(generation, routes, served)
-        except BaseException as error:
-            served.fail(error)
-            self._finish(served)
-            raise
-        served.prompt_tokens, served.completion_tokens = (
-            result.usage.prompt_tokens,
-            result.usage.completion_tokens,
-        )
-        self._finish(served)
-        extra = {"mycellm": self._route_info(route)}
-        payload = (chat_completion_json if endpoint == "chat" else completion_json)(
-            served.request_id, route.model.name, result, extra
-        )
-        return JSONResponse(payload, headers=self._route_headers(route))
 
-    def _served_by(self, route: Route) -> str:
-        return route.target if route.kind == "peer" else self._node["peer_id"]
+def build_app(ingress: type[NodeIngress] = NodeIngress) -> Any:
+    """The Serve deployment of the ingress class (the one place Serve's decorators are applied)."""
+    return serve.deployment(name="NodeIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)(
+        serve.ingress(app)(ingress)
+    )
 
-    def _route_info(self, route: Route) -> dict[str, Any]:
-        return {"route": route.kind, "target": route.target, "served_by": self._served_by(route)}
 
-    def _route_headers(self, route: Route) -> dict[str, str]:
-        return {
-            "X-Mycellm-Routed-To": self._served_by(route),
-            "X-Mycellm-Route": f"{route.kind}:{route.target}",
-        }
+# Built at import: a replica imports this module, and Serve binds the routes' ``self`` while it
+# decorates the class, so the replica must decorate it too.
+INGRESS = build_app()
 
-    async def _try_routes(self, routes: list[Route], served: RequestTally, call: Any) -> tuple[Any, Route]:
-        """Run ``call(target, route)`` on the best route; on a route failure move to the next one."""
-        last_error: MycellmError | None = None
-        for route in routes:
-            served.route, served.model = route, route.model.name
-            try:
-                return await call(self._target(route), route), route
-            except EngineError as error:
-                logger.warning(
-                    "route %s:%s failed before output: %s", route.kind, route.target, error.message
-                )
-                last_error = error
-                self._route_table = None  # the table may be stale: refresh it on the next request
-        raise last_error or NoRouteError("no route could serve the request")
 
-    async def _open(
-        self, generation: GenerationRequest, routes: list[Route], served: RequestTally
-    ) -> tuple[GenerationChunk, Route]:
-        async def open_on(target: RouteTarget, route: Route) -> GenerationChunk:
-            request = generation.model_copy(update={"model": route.model.name})
-            try:
-                return await self._call(target.open(request, self._timeout_s))
-            except asyncio.CancelledError:
-                target.cancel(generation.request_id)
-                raise
+def deploy(node: Node, settings: NodeSettings, identity: NodeIdentity) -> None:
+    """Start Serve's HTTP proxy and put the ingress in front of ``node``'s actors."""
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    node_info = {
+        "peer_id": identity.peer_id,
+        "account_id": identity.account_id,
+        "node_name": settings.node_name,
+        "namespace": settings.ray_namespace,
+        "request_timeout_s": settings.request_timeout_s,
+        "quic_port": node.quic_port,
+        "host": settings.host,
+        "auth": settings.auth,
+        "credits": settings.credits,
+    }
+    serve.run(
+        INGRESS.bind(node_info, node.resolver, node.ledger, node.workers, node.peer_manager),
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
+    )
 
-        first, route = await self._try_routes(routes, served, open_on)
-        served.mark_first_token()
-        return first, route
 
-    async def _complete(
-        self, generation: GenerationRequest, routes: list[Route], served: RequestTally
-    ) -> Any:
-        async def complete_on(target: RouteTarget, route: Route) -> Any:
-            request = generation.model_copy(update={"model": route.model.name})
-            try:
-                return await self._call(target.complete(request))
-            except asyncio.CancelledError:
-                target.cancel(generation.request_id)
-                raise
-
-        return await self._try_routes(routes, served, complete_on)
-
-    async def _resume(
-        self,
-        generation: GenerationRequest,
-        produced: str,
-        routes: list[Route],
-        served: RequestTally,
-        attempt: int,
-    ) -> tuple[GenerationChunk, Route, GenerationRequest]:
-        """Continue a broken stream on the next routes from the text already sent to the client."""
-        resumed = generation.model_copy(
-            update={"request_id": f"{generation.request_id}-r{attempt}", "continuation": produced}
-        )
-        first, route = await self._open(resumed, routes, served)
-        return first, route, resumed
-
-    async def _stream(
-        self,
-        body: ChatCompletionBody | CompletionBody,
-        generation: GenerationRequest,
-        route: Route,
-        first: GenerationChunk,
-        served: RequestTally,
-        request: Request,
-        routes: list[Route],
-    ) -> AsyncIterator[bytes]:
-        target = self._target(route)
-        model, request_id, created = route.model.name, generation.request_id, int(time.time())
-        current = generation.request_id  # the id the serving route knows this stream by
-        chat = isinstance(body, ChatCompletionBody)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunk: GenerationChunk | None = first
-        produced: list[str] = []
-        tool_calls_sent = False
-        remaining = [candidate for candidate in routes if candidate != route]
-        checked_at = time.monotonic()
-        finished = False
-        try:
-            if chat:
-                yield _sse(
-                    chat_chunk_json(request_id, model, created, None, role=True)
-                    | {"mycellm": self._route_info(route)}
-                )
-            while True:
-                if chunk is not None:
-                    if chunk.text or chunk.tool_calls or chunk.finish_reason:
-                        produced.append(chunk.text)
-                        tool_calls_sent = tool_calls_sent or bool(chunk.tool_calls)
-                        payload = (
-                            chat_chunk_json(request_id, model, created, chunk)
-                            if chat
-                            else completion_chunk_json(request_id, model, created, chunk)
-                        )
-                        yield _sse(payload)
-                    if chunk.finish_reason is not None:
-                        finished = True
-                        if chunk.usage is not None:
-                            served.prompt_tokens = chunk.usage.prompt_tokens
-                            served.completion_tokens = chunk.usage.completion_tokens
-                            if include_usage:
-                                name = "chat.completion.chunk" if chat else "text_completion"
-                                yield _sse(usage_chunk_json(request_id, model, created, chunk.usage, name))
-                        break
-                # A client that left is not always noticed by the proxy while we wait on the
-                # worker; asking a few times a second makes the cancellation prompt and cheap.
-                now = time.monotonic()
-                if now - checked_at > DISCONNECT_CHECK_S:
-                    checked_at = now
-                    if await request.is_disconnected():
-                        served.fail(RequestCancelledError(f"client left {request_id}"))
-                        return
-                try:
-                    chunk = await self._call(target.pull(current, 30.0))
-                except EngineError as error:
-                    # The route broke mid-stream: go on from the text sent so far on the next route.
-                    if not remaining or tool_calls_sent:
-                        raise
-                    logger.warning(
-                        "route %s:%s broke mid-stream: %s", route.kind, route.target, error.message
-                    )
-                    self._route_table = None
-                    attempt = len(routes) - len(remaining)
-                    chunk, route, resumed = await self._resume(
-                        generation, "".join(produced), remaining, served, attempt
-                    )
-                    remaining = remaining[remaining.index(route) + 1 :]
-                    target, current = self._target(route), resumed.request_id
-            yield b"data: [DONE]\n\n"
-        except RequestCancelledError as error:
-            # The client is gone (Serve cancelled our calls): nobody reads what we would send, and a
-            # yield here could wait for a reader that never comes, so the record would be lost.
-            served.fail(error)
-        except MycellmError as error:
-            served.fail(error)
-            yield _sse(error.to_openai())
-            yield b"data: [DONE]\n\n"
-        except BaseException as error:  # the client went away (cancellation) or the stream broke
-            served.fail(error)
-            raise
-        finally:
-            # Record first: the rest of this block may run while the task is being torn down.
-            self._finish(served)
-            if not finished:
-                try:
-                    target.cancel(current)
-                except Exception as error:  # best effort; the worker's idle reaper is the backstop
-                    logger.warning("could not cancel %s: %s", current, error)
-
-    def _finish(self, served: RequestTally) -> None:
-        record = served.to_record()
-        self._metrics.observe(served, record.route_kind if record else "none")
-        if record is not None:  # None: rejected before routing, nothing was served
-            self._records.put_nowait(record)
-            if self._recorder is None or self._recorder.done():
-                # A task of its own, in a context of its own: a call made from the request's task
-                # is cancelled with the request when its client leaves, and the record was lost.
-                self._recorder = asyncio.get_running_loop().create_task(
-                    self._record_loop(), context=contextvars.Context()
-                )
-
-    async def _record_loop(self) -> None:
-        """Hand records to the Ledger off the response path, one after another."""
-        while not self._records.empty():
-            record = self._records.get_nowait()
-            try:
-                await asyncio.wait_for(self._ledger.record_request.remote(record), timeout=30.0)
-            except (TimeoutError, ray.exceptions.RayError) as error:
-                logger.warning("could not record %s: %s", record.request_id, error)
+def run_node(settings: NodeSettings) -> int:
+    """Run a node in the foreground until SIGINT/SIGTERM (``mycellm serve``)."""
+    return node_runner.run_node(settings, deploy)

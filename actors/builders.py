@@ -1,10 +1,11 @@
-"""The one place that applies ray.remote/.options and wires a node's actors and Serve app together."""
+"""The one place that applies ray.remote/.options and wires a node's actors together."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,16 +17,52 @@ from actors.ledger import Ledger
 from actors.peer_manager import PeerManager
 from actors.resolver import Resolver
 from mycellm.config import ModelSettings, NodeSettings
-from mycellm.engines.base import ModelInfo
-from mycellm.identity import NodeIdentity
+from mycellm.errors import ConfigError
+from mycellm.types import ModelInfo
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "mycellm"
 
 
-def init_ray(settings: NodeSettings) -> None:
-    """Join the cluster at ``ray_address`` (or RAY_ADDRESS), or start a local one bound to loopback."""
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def dashboard_port(settings: NodeSettings) -> int:
+    """The Ray dashboard's port: the configured one, or a free one when the default is taken.
+
+    Two nodes on one machine must both start with the defaults: the second gets another port
+    (printed at start). A port set on purpose that is taken is a config error naming the setting.
+    """
+    port = settings.ray_dashboard_port
+    if _port_is_free(port):
+        return port
+    if "ray_dashboard_port" in settings.model_fields_set:
+        raise ConfigError(
+            f"ray_dashboard_port: 127.0.0.1:{port} is already in use (another node or Ray cluster?); "
+            "set ray_dashboard_port to a free port, or ray_dashboard: false"
+        )
+    free = _free_port()
+    logger.warning("the Ray dashboard's default port %d is taken; using %d", port, free)
+    return free
+
+
+def init_ray(settings: NodeSettings) -> str | None:
+    """Join the cluster at ``ray_address`` (or RAY_ADDRESS), or start a local one bound to loopback.
+
+    Returns the dashboard's address when this node started one."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray lowers worker priority by default; inference workers must not lose the CPU to the proxy.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -37,14 +74,15 @@ def init_ray(settings: NodeSettings) -> None:
     }
     if address:
         ray.init(address=address, **options)
-        return
-    ray.init(
+        return None
+    context = ray.init(
         include_dashboard=settings.ray_dashboard,
         dashboard_host="127.0.0.1",
-        dashboard_port=settings.ray_dashboard_port,
+        dashboard_port=dashboard_port(settings) if settings.ray_dashboard else None,
         _temp_dir=str(settings.ray_temp_dir) if settings.ray_temp_dir else None,
         **options,
     )
+    return context.dashboard_url or None
 
 
 @dataclass
@@ -84,13 +122,11 @@ def _worker_placements(entry: ModelSettings, gpus: int, local_models: int) -> li
     return [{"num_cpus": 0, "num_gpus": 1.0 / local_models} for _ in range(gpus)]
 
 
-def build_node(settings: NodeSettings, identity: NodeIdentity) -> Node:
-    """Start the Ledger, InferenceWorkers and Resolver, then the Serve ingress; block until ready."""
-    ledger = (
-        ray.remote(Ledger)
-        .options(name="ledger", num_cpus=0)
-        .remote(settings.resolved_database_url, settings.network_id, settings.credits)
-    )
+def build_node(settings: NodeSettings) -> Node:
+    """Start the Ledger, InferenceWorkers, Resolver and PeerManager; block until they are ready.
+
+    The HTTP side (Ray Serve) is put in front of them by ``serve_app.deploy``."""
+    ledger = ray.remote(Ledger).options(name="ledger", num_cpus=0).remote(settings.resolved_database_url)
     ray.get(ledger.start.remote())
     resolver = ray.remote(Resolver).options(name="resolver", num_cpus=0).remote()
     node = Node(ledger=ledger, resolver=resolver)
@@ -122,21 +158,4 @@ def build_node(settings: NodeSettings, identity: NodeIdentity) -> Node:
     )
     node.quic_port = ray.get(node.peer_manager.start.remote())
 
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    from serve_app import NodeIngress
-
-    node_info = {
-        "peer_id": identity.peer_id,
-        "account_id": identity.account_id,
-        "node_name": settings.node_name,
-        "namespace": settings.ray_namespace,
-        "request_timeout_s": settings.request_timeout_s,
-        "quic_port": node.quic_port,
-    }
-    serve.run(
-        NodeIngress.bind(node_info, resolver, ledger, node.workers, node.peer_manager),
-        name=APP_NAME,
-        route_prefix="/",
-        blocking=False,
-    )
     return node

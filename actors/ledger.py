@@ -4,28 +4,43 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors.api_key_ledger import ApiKeyCalls
+from mycellm.config import PriceSettings
+from mycellm.errors import MycellmError
+from mycellm.ledger.api_keys import ApiKeyBook
 from mycellm.ledger.audit import AuditReport, audit
 from mycellm.ledger.credit_views import Role, receipt_page, recent_transfers
-from mycellm.ledger.credits import CreditBook, Settlement
-from mycellm.ledger.pricing import PriceSettings, PriceTable, credits
+from mycellm.ledger.credits import CreditBook
+from mycellm.ledger.pricing import PriceTable, credits
 from mycellm.ledger.receipts import Receipt
 from mycellm.ledger.records import RequestTotals, ServedRequestRecord
 from mycellm.ledger.store import Store
+from mycellm.types import AccountId, NetworkId, PeerId, RequestId
 
 
-class Ledger:
-    def __init__(
-        self, database_url: str, network_id: str = "public", prices: PriceSettings | None = None
-    ) -> None:
+class Ledger(ApiKeyCalls):
+    """The node's store: served requests, the credits of its networks with the receipts behind them,
+    and the API keys of its HTTP callers (their calls are ``ApiKeyCalls``').
+
+    State: the Store (its database engine) and one CreditBook per network (``open_book``), both opened by ``start``
+    and closed by ``stop``; nothing else is kept between calls, so a restarted Ledger is whole.
+    Callers: the Recorder (served requests), the PeerManager (the CreditKeeper methods of
+    settlement, through one adapter), the ingress (read-only views). Idempotent: ``join``,
+    ``record_request`` (by request id), ``remember_offer``, ``forget_offer`` and
+    ``record_receipt`` (a receipt already settled answers False and changes nothing); reads have
+    no effects.
+    """
+
+    def __init__(self, database_url: str) -> None:
         self._database_url = database_url
-        self._network_id = network_id
-        self._prices = PriceTable(prices)
         self._store: Store | None = None
-        self._book: CreditBook | None = None
+        self._books: dict[NetworkId, CreditBook] = {}
+        self._default: NetworkId | None = None
 
     async def start(self) -> None:
         self._store = await Store.open(self._database_url)
-        self._book = CreditBook(self._store.engine, self._prices, self._network_id)
+        self._api_keys = ApiKeyBook(self._store.engine)
+        await self._api_keys.release_reservations()  # nothing runs yet: what a crash left is free again
 
     async def stop(self) -> None:
         if self._store is not None:
@@ -35,9 +50,18 @@ class Ledger:
         assert self._store is not None, "Ledger.start was not awaited"
         return self._store
 
-    def _credits(self) -> CreditBook:
-        assert self._book is not None, "Ledger.start was not awaited"
-        return self._book
+    async def open_book(self, network_id: NetworkId, prices: PriceSettings, default: bool = False) -> None:
+        """Keep ``network_id``'s credits, priced by its description (again: its newer prices)."""
+        self._books[network_id] = CreditBook(self._require().engine, PriceTable(prices), network_id)
+        if default or self._default is None:
+            self._default = network_id
+
+    def _credits(self, network_id: NetworkId | None = None) -> CreditBook:
+        chosen = network_id or self._default
+        book = self._books.get(chosen) if chosen is not None else None
+        if book is None:
+            raise MycellmError(f"this node keeps no books of network {str(chosen)[:16]}")
+        return book
 
     async def record_request(self, record: ServedRequestRecord) -> bool:
         return await self._require().record_request(record)
@@ -48,44 +72,60 @@ class Ledger:
     async def totals(self) -> RequestTotals:
         return await self._require().totals()
 
-    # -- credits --------------------------------------------------------------------------------
+    # -- credits: settlement's CreditKeeper, as the CreditBook answers it ------------------------
 
-    async def balance(self, account_id: str) -> int:
-        return await self._credits().balance(account_id)
+    async def balance(self, account_id: AccountId, *, network_id: NetworkId | None = None) -> int:
+        return await self._credits(network_id).balance(account_id)
 
-    async def join(self, account_id: str) -> int:
-        return await self._credits().join(account_id)
+    async def join(self, account_id: AccountId, *, network_id: NetworkId | None = None) -> int:
+        return await self._credits(network_id).join(account_id)
 
-    async def require_funds(self, account_id: str, price: int) -> None:
-        await self._credits().require_funds(account_id, price)
+    async def record_receipt(
+        self, receipt: Receipt, *, observed: bool = False, network_id: NetworkId | None = None
+    ) -> bool:
+        return await self._credits(network_id).record_receipt(receipt, observed=observed)
 
-    async def settle(self, receipt: bytes, served_here: bool = False, observed: bool = False) -> Settlement:
-        return await self._credits().settle(
-            Receipt.from_bytes(receipt), served_here=served_here, observed=observed
-        )
+    async def remember_offer(
+        self,
+        request_id: RequestId,
+        peer_id: PeerId,
+        terms: bytes,
+        signature: bytes,
+        *,
+        network_id: NetworkId | None = None,
+    ) -> None:
+        await self._credits(network_id).remember_offer(request_id, peer_id, terms, signature)
 
-    async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None:
-        await self._credits().remember_offer(request_id, peer_id, terms, signature)
+    async def pending_offers(
+        self, peer_id: PeerId, *, network_id: NetworkId | None = None
+    ) -> list[tuple[RequestId, bytes, bytes]]:
+        return await self._credits(network_id).pending_offers(peer_id)
 
-    async def pending_offers(self, peer_id: str) -> list[tuple[str, bytes, bytes]]:
-        return await self._credits().pending_offers(peer_id)
+    async def forget_offer(self, request_id: RequestId, *, network_id: NetworkId | None = None) -> None:
+        await self._credits(network_id).forget_offer(request_id)
 
-    async def forget_offer(self, request_id: str) -> None:
-        await self._credits().forget_offer(request_id)
+    async def receipt(self, request_id: RequestId, *, network_id: NetworkId | None = None) -> bytes | None:
+        return await self._credits(network_id).receipt(request_id)
 
-    async def receipt(self, request_id: str) -> bytes | None:
-        return await self._credits().receipt(request_id)
+    async def require_funds(
+        self, account_id: AccountId, price: int, *, network_id: NetworkId | None = None
+    ) -> None:
+        await self._credits(network_id).require_funds(account_id, price)
 
-    async def credits_view(self, account_id: str, limit: int = 20) -> dict[str, Any]:
-        book = self._credits()
+    # -- views ------------------------------------------------------------------------------------
+
+    async def credits_view(
+        self, account_id: AccountId, limit: int = 20, network_id: NetworkId | None = None
+    ) -> dict[str, Any]:
+        book = self._credits(network_id)
         balance = await book.balance(account_id)
         return {
-            "network_id": self._network_id,
+            "network_id": book.network_id,
             "account_id": account_id,
             "balance": credits(balance),
             "micro_credits": balance,
-            "initial_grant": credits(self._prices.initial_grant),
-            "transfers": await recent_transfers(self._require().engine, self._network_id, account_id, limit),
+            "initial_grant": credits(book.prices.initial_grant),
+            "transfers": await recent_transfers(self._require().engine, book.network_id, account_id, limit),
         }
 
     async def receipts(
@@ -95,10 +135,11 @@ class Ledger:
         account_id: str | None = None,
         role: Role = "any",
         model: str | None = None,
+        network_id: NetworkId | None = None,
     ) -> list[dict[str, Any]]:
         return await receipt_page(
             self._require().engine,
-            self._network_id,
+            self._credits(network_id).network_id,
             limit=limit,
             offset=offset,
             account_id=account_id,
@@ -106,5 +147,6 @@ class Ledger:
             model=model,
         )
 
-    async def audit(self) -> AuditReport:
-        return await audit(self._require().engine, self._prices, self._network_id)
+    async def audit(self, network_id: NetworkId | None = None) -> AuditReport:
+        book = self._credits(network_id)
+        return await audit(self._require().engine, book.prices, book.network_id)

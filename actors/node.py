@@ -5,31 +5,38 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 import ray
 
-from actors.builders import build_node, init_ray
+from actors.builders import Node, build_node, init_ray
 from mycellm.config import NodeSettings
-from mycellm.identity import load_or_create_identity
+from mycellm.identity.keys import NodeIdentity, load_or_create_identity
 
 logger = logging.getLogger("mycellm")
 
 
-def run_node(settings: NodeSettings) -> int:
+Deploy = Callable[[Node, NodeSettings, NodeIdentity], None]
+
+
+def run_node(settings: NodeSettings, deploy: Deploy) -> int:
+    """Run until SIGINT/SIGTERM; ``deploy`` puts the HTTP app in front of the node's actors."""
     data_dir = settings.resolved_data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = load_or_create_identity(data_dir, node_name=settings.node_name)
     stop = threading.Event()
-    init_ray(settings)
+    dashboard = init_ray(settings)
     # After ray.init: Ray installs its own SIGTERM handler in the driver, which aborts the process.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        node = build_node(settings, identity)
+        node = build_node(settings)
+        deploy(node, settings, identity)
         names = ", ".join(model.name for model in node.models)
         print(
             f"mycellm node {identity.peer_id[:16]} serving http://{settings.host}:{settings.port}/v1 "
-            f"(QUIC :{node.quic_port}; models: {names or 'none, relaying to peers'}; data: {data_dir})",
+            f"(QUIC :{node.quic_port}; models: {names or 'none, relaying to peers'}; data: {data_dir}"
+            f"{'; Ray dashboard: http://' + dashboard if dashboard else ''})",
             flush=True,
         )
         stop.wait()

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from mycellm.engines.base import ModelInfo
-from mycellm.routing import Route
+from collections.abc import Sequence
+
+from mycellm.routing.directory import NetworkEntry, RouteSnapshot
+from mycellm.routing.ranking import Route
+from mycellm.types import ModelInfo, NetworkId
 
 
 class Resolver:
-    """Local workers register at start; the PeerManager replaces the peer routes as links change.
+    """Contract: owns the route table (local routes by worker and model, peer routes as a whole).
 
-    Readers (the ingress) copy the table and rank it with ``mycellm.routing.rank_routes``, so no
-    request waits on this actor.
+    Callers: the node builder registers each local worker once at start (registering the same
+    worker and model again replaces its route: idempotent); the PeerManager replaces all peer
+    routes (each of one network), the node's networks and its default network whenever links or
+    networks change (last write wins); the ingress reads snapshots and ranks copies with
+    ``mycellm.routing.ranking.rank_routes``, so no request waits on this actor.
     """
 
     def __init__(self) -> None:
         self._routes: dict[tuple[str, str, str], Route] = {}
         self._peer_routes: list[Route] = []
+        self._default_network: NetworkId | None = None
+        self._networks: tuple[NetworkEntry, ...] = ()
 
     async def register_worker(self, worker_name: str, models: list[ModelInfo]) -> None:
         for model in models:
@@ -23,11 +31,20 @@ class Resolver:
                 kind="local", target=worker_name, model=model
             )
 
-    async def set_peer_routes(self, routes: list[Route]) -> None:
+    async def set_peer_routes(
+        self,
+        routes: list[Route],
+        default_network: NetworkId | None = None,
+        networks: Sequence[NetworkEntry] = (),
+    ) -> None:
         self._peer_routes = [route for route in routes if route.kind == "peer"]
+        self._default_network = default_network
+        self._networks = tuple(networks)
 
-    async def routes(self) -> list[Route]:
-        return [*self._routes.values(), *self._peer_routes]
+    async def snapshot(self) -> RouteSnapshot:
+        """Every route (local, and the peer routes of every network) and the node's networks."""
+        routes = (*self._routes.values(), *self._peer_routes)
+        return RouteSnapshot(routes, self._networks, self._default_network)
 
     async def local_routes(self) -> list[Route]:
         return list(self._routes.values())

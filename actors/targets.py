@@ -4,46 +4,64 @@ from __future__ import annotations
 
 from typing import Any
 
-from mycellm.engines.base import EmbeddingRequest, GenerationRequest
+from actors.calls import call_actor, cancel_quietly
 from mycellm.errors import NoRouteError
-from mycellm.routing import Route
+from mycellm.routing.ranking import Route
+from mycellm.types import (
+    CompletionResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+)
+
+# A pull waits up to its own wait_s for text; the call itself gets this much more.
+PULL_SLACK_S = 30.0
 
 
-class RouteTarget:
-    """The same five calls for every route kind; each returns a Ray ObjectRef."""
+class ActorTarget:
+    """A RouteTarget over an actor: an InferenceWorker, or the PeerManager for ``peer_id``."""
 
-    def __init__(self, handle: Any, peer_id: str | None = None) -> None:
+    def __init__(self, handle: Any, timeout_s: float, peer_id: str | None = None) -> None:
         self._handle = handle
-        self._peer_id = peer_id
+        self._timeout_s = timeout_s
+        # A worker is called with the request alone; the PeerManager also needs the peer's id.
+        self._via: tuple[str, ...] = () if peer_id is None else (peer_id,)
 
-    def open(self, request: GenerationRequest, wait_s: float) -> Any:
-        if self._peer_id is None:
-            return self._handle.open.remote(request, wait_s)
-        return self._handle.open.remote(self._peer_id, request, wait_s)
+    async def open(self, request: GenerationRequest, wait_s: float) -> GenerationChunk:
+        chunk: GenerationChunk = await call_actor(
+            self._handle.open.remote(*self._via, request, wait_s), self._timeout_s
+        )
+        return chunk
 
-    def pull(self, request_id: str, wait_s: float) -> Any:
-        return self._handle.pull.remote(request_id, wait_s)
+    async def pull(self, request_id: str, wait_s: float) -> GenerationChunk | None:
+        chunk: GenerationChunk | None = await call_actor(
+            self._handle.pull.remote(request_id, wait_s), wait_s + PULL_SLACK_S
+        )
+        return chunk
 
-    def cancel(self, request_id: str) -> Any:
-        return self._handle.cancel.remote(request_id)
+    def cancel(self, request_id: str) -> None:
+        cancel_quietly(self._handle.cancel, request_id)
 
-    def complete(self, request: GenerationRequest) -> Any:
-        if self._peer_id is None:
-            return self._handle.complete.remote(request)
-        return self._handle.complete.remote(self._peer_id, request)
+    async def complete(self, request: GenerationRequest) -> CompletionResult:
+        result: CompletionResult = await call_actor(
+            self._handle.complete.remote(*self._via, request), self._timeout_s
+        )
+        return result
 
-    def embed(self, request: EmbeddingRequest) -> Any:
-        if self._peer_id is None:
-            return self._handle.embed.remote(request)
-        return self._handle.embed.remote(self._peer_id, request)
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        result: EmbeddingResult = await call_actor(
+            self._handle.embed.remote(*self._via, request), self._timeout_s
+        )
+        return result
 
 
-def route_target(route: Route, workers: dict[str, Any], peer_manager: Any) -> RouteTarget:
+def route_target(route: Route, workers: dict[str, Any], peer_manager: Any, timeout_s: float) -> ActorTarget:
     if route.kind == "local":
         worker = workers.get(route.target)
         if worker is None:
             raise NoRouteError(f"worker {route.target} is not known to this ingress")
-        return RouteTarget(worker)
+        return ActorTarget(worker, timeout_s)
     if route.kind == "peer" and peer_manager is not None:
-        return RouteTarget(peer_manager, route.target)
+        return ActorTarget(peer_manager, timeout_s, route.target)
     raise NoRouteError(f"{route.kind} routes are not served by this node")

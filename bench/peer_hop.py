@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.local_overhead import PROMPTS  # noqa: E402
-from mycellm.engines.llama_cpp import BUNDLED_NAME  # noqa: E402
+from mycellm.engines.names import BUNDLED_NAME  # noqa: E402
 from tests.nodes import NodeProcess  # noqa: E402
 
 MIN_DECODE_RATIO = 0.95  # via A must keep at least this share of B's local decode tokens/s

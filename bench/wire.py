@@ -48,9 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mycellm.errors import PeerError  # noqa: E402
-from mycellm.identity import load_or_create_identity  # noqa: E402
-from mycellm.transport.quic import FrameStream, PeerLink, QuicEndpoint  # noqa: E402
-from mycellm.wire import ChunkMessage, PingMessage, PongMessage, encode_frame  # noqa: E402
+from mycellm.identity.keys import load_or_create_identity  # noqa: E402
+from mycellm.network.codec import encode_frame  # noqa: E402
+from mycellm.network.messages import ChunkMessage, PingMessage, PongMessage  # noqa: E402
+from mycellm.network.quic import FrameStream, PeerLink, QuicEndpoint  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
 HEADER = struct.Struct("!I")

@@ -1,5 +1,5 @@
 """``python -m mycellm`` runs the command line."""
 
-from mycellm.cli import main
+from mycellm.cli.app import main
 
 main()

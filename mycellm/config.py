@@ -13,11 +13,36 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mycellm.errors import ConfigError
-from mycellm.ledger.pricing import PriceSettings
 
 BUNDLED_MODEL = "smollm2"
 Backend = Literal["llama_cpp", "openai", "vllm"]
 Tier = Literal["frontier", "capable", "fast", "tiny"]
+
+
+# Credits per 1,000 tokens by tier; prompt tokens cost a quarter of completion tokens (they are
+# processed in parallel, completion tokens one at a time).
+DEFAULT_TIER_PRICES: dict[str, float] = {"tiny": 0.02, "fast": 0.1, "capable": 0.5, "frontier": 2.0}
+
+
+class PriceSettings(BaseModel):
+    """The price table in config (``credits:`` section); every node of a network must agree on it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tier_prices: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TIER_PRICES))
+    unknown_tier_price: float = Field(default=0.1, ge=0)
+    model_prices: dict[str, float] = Field(default_factory=dict)  # per-model override, credits / 1k tokens
+    prompt_weight: float = Field(default=0.25, ge=0, le=1)
+    relay_fee: float = Field(default=0.10, ge=0, lt=0.5)
+    initial_grant: float = Field(default=100.0, ge=0)
+    # A request with no max_tokens is admitted (priced, and bounded) at the room its model's context
+    # leaves, at most this many completion tokens.
+    admission_max_tokens: int = Field(default=4096, ge=1)
+    # Reputation and the freeloader policy: a peer that has consumed more than grace_credits from
+    # this node, and more than max_consume_ratio times what it served this node, is refused.
+    reputation_half_life_s: float = Field(default=7 * 86400, gt=0)
+    grace_credits: float = Field(default=10.0, ge=0)
+    max_consume_ratio: float = Field(default=4.0, gt=0)
 
 
 class ModelSettings(BaseModel):
@@ -61,6 +86,22 @@ class ModelSettings(BaseModel):
         return None
 
 
+class AuthSettings(BaseModel):
+    """Who may call the HTTP API (``auth:`` section): anonymous callers, and the lockout of failing sources."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Unset: anonymous callers only on a loopback host while no API key exists; true/false overrides.
+    allow_anonymous: bool | None = None
+    anonymous_scopes: tuple[Literal["inference", "read", "admin"], ...] = ("inference", "read", "admin")
+    # lockout_failures refused credentials from one address within lockout_window_s lock it out for
+    # lockout_s (0 failures: no lockout, e.g. behind a proxy); at most lockout_max_sources addresses tracked.
+    lockout_failures: int = Field(default=10, ge=0, le=1_000_000)
+    lockout_window_s: float = Field(default=60.0, gt=0, le=86400)
+    lockout_s: float = Field(default=60.0, gt=0, le=86400)
+    lockout_max_sources: int = Field(default=10_000, ge=1, le=1_000_000)
+
+
 class NodeSettings(BaseSettings):
     """Everything a node reads at start; frozen and passed down, never read again from the env."""
 
@@ -87,6 +128,8 @@ class NodeSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     request_timeout_s: float = Field(default=600.0, gt=0)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    # A peer silent this long mid-answer (or longer, at the stream's pace) is probed; no pong: failover.
+    stall_floor_s: float = Field(default=1.0, gt=0, le=60)
     stream_interval_s: float = Field(default=0.02, ge=0, le=1)
     quic_host: str | None = None
     advertise_address: str | None = None
@@ -97,8 +140,21 @@ class NodeSettings(BaseSettings):
     peer_exchange_interval_s: float = Field(default=30.0, gt=0, le=86400)
     max_peers: int = Field(default=32, ge=1, le=1024)
     max_frame_bytes: int = Field(default=1 << 20, ge=4096, le=64 << 20)
-    network_id: str = Field(default="public", pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    # Bounds on what peers can make this node hold (see ARCHITECTURE.md, Invariants); over a bound the
+    # newcomer is refused (a link closed at connect, a stream answered with an error frame).
+    max_inbound_links: int = Field(default=64, ge=1, le=65536)
+    max_handshaking: int = Field(default=64, ge=1, le=65536)
+    max_streams_per_link: int = Field(default=64, ge=2, le=100)
+    max_queued_frames_per_stream: int = Field(default=4096, ge=4, le=65536)
+    max_buffered_bytes_per_stream: int = Field(default=4 << 20, ge=8192, le=256 << 20)
+    max_requests_per_peer: int = Field(default=64, ge=1, le=4096)
+    max_gossip_per_minute: int = Field(default=1200, ge=1, le=1_000_000)
+    # The network of requests that name none: a network name or id prefix (default: see README).
+    network: str | None = Field(default=None, max_length=64)
+    # An invite (token text or mycellm://join link) redeemed at start unless already a member.
+    join: str | None = Field(default=None, max_length=12000)
     credits: PriceSettings = PriceSettings()
+    auth: AuthSettings = AuthSettings()
 
     @model_validator(mode="after")
     def _check(self) -> NodeSettings:

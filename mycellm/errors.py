@@ -3,12 +3,18 @@
 MycellmError
 ├── ConfigError                 bad configuration (CLI exits 2)
 ├── IdentityError               unreadable, tampered or mismatched key/certificate files
+├── FederationError             403: a network's signed value (description, membership, invite) refused
+├── MembershipError             403: the authority's books refuse an invite, a join or a member (429: join rate)
+├── AuthenticationError         401: no API key where one is needed, or one that is unknown, wrong, revoked or expired
+├── PermissionDeniedError       403: a valid API key without the scope the endpoint needs
+├── RateLimitedError            429: a key over its requests per minute, or a source locked out after failures
 ├── InvalidRequestError         400: a request the OpenAI API would reject (names the field)
 │   ├── ContextLengthError      400: prompt does not fit the model's context window
 │   └── UnsupportedParameterError 400: a parameter this node/engine does not implement
 ├── ModelNotFoundError          404: no route serves the model
 ├── RoutingConstraintError      422: routing options that no route can satisfy
 ├── PaymentRequiredError        402: the consumer's balance does not cover the price
+│   └── BudgetExceededError     402: an API key's daily budget does not cover the request's worst-case price
 ├── ReceiptError                400: a receipt that is forged, tampered, replayed or unjustified
 ├── EngineError                 503: an engine failed or is not ready
 │   └── UpstreamError           503: an OpenAI-compatible upstream failed
@@ -77,6 +83,61 @@ class IdentityError(MycellmError):
     error_type = "identity_error"
 
 
+class FederationError(MycellmError):
+    """A network's signed value that is malformed, forged, expired, for another network or member.
+
+    ``code`` says which: ``malformed``, ``bad_signature``, ``wrong_network``, ``not_yet_valid``,
+    ``expired``, ``wrong_member``, ``revoked``, ``conflict``, ``full``, ``used_up``.
+    """
+
+    status = 403
+    error_type = "permission_error"
+    code = "federation_refused"
+
+
+class MembershipError(MycellmError):
+    """The authority's books refuse a redemption, a join or a change of a member; nothing changed.
+
+    ``code``: ``invite_unknown``, ``invite_expired``, ``invite_used_up``, ``invite_revoked``,
+    ``invite_bound`` (the invite names another account), ``membership_revoked``,
+    ``membership_unknown``; ``join_rate_limited`` is raised by the ledger's subclass with status 429.
+    """
+
+    status = 403
+    error_type = "permission_error"
+    code = "membership_refused"
+
+
+class AuthenticationError(MycellmError):
+    """No API key where the node needs one, or a key it does not accept; ``code`` says which."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(MycellmError):
+    """A valid API key that lacks the scope of the endpoint it called."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "insufficient_scope"
+
+
+class RateLimitedError(MycellmError):
+    """Too many requests: ``retry_after_s`` says when to try again (sent as Retry-After)."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float = 1.0
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+
 class InvalidRequestError(MycellmError):
     status = 400
     error_type = "invalid_request_error"
@@ -96,6 +157,12 @@ class ModelNotFoundError(MycellmError):
     code = "model_not_found"
 
 
+class NetworkNotFoundError(MycellmError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "network_not_found"
+
+
 class RoutingConstraintError(MycellmError):
     status = 422
     error_type = "invalid_request_error"
@@ -106,6 +173,10 @@ class PaymentRequiredError(MycellmError):
     status = 402
     error_type = "insufficient_quota"
     code = "insufficient_credits"
+
+
+class BudgetExceededError(PaymentRequiredError):
+    code = "budget_exceeded"
 
 
 class ReceiptError(MycellmError):

@@ -18,7 +18,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    process = NodeProcess(tmp_path_factory.mktemp("node") / "data")
+    # Open to callers without a key even once the fuzzing of /v1/node/keys created some.
+    environment = {"MYCELLM_AUTH__ALLOW_ANONYMOUS": "true"}
+    process = NodeProcess(tmp_path_factory.mktemp("node") / "data", env=environment)
     process.start()
     yield process
     if process.process is not None and process.process.poll() is None:

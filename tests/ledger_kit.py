@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mycellm.identity import NodeIdentity, load_or_create_identity
+from mycellm.identity.keys import NodeIdentity, load_or_create_identity
 from mycellm.ledger.pricing import PriceTable
 from mycellm.ledger.receipts import Receipt, countersign, draft_terms, sign_as_consumer
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,16 +31,49 @@ LONG_JSON = {
 }
 
 
+# Ports for the servers tests start come from below the kernel's ephemeral range (32768-60999 on
+# Linux) and above Ray's worker ports (10002-19999): a port handed out by ``bind(0)`` is one the
+# kernel may give next to any outgoing connection, and a node restarted on "its" port then finds it
+# taken by a socket of another node's Ray processes.
+_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
+def _pick(kind: socket.SocketKind) -> int:
+    for _ in range(1000):
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return _pick(socket.SOCK_STREAM)
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return _pick(socket.SOCK_DGRAM)
+
+
+def session_pids(session_id: int) -> list[int]:
+    """Every live process of the session ``session_id`` (a node and all its Ray processes: Ray puts
+    each worker in a process group of its own, but they stay in the node's session)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def node_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -146,24 +182,53 @@ class NodeProcess:
             self.kill()
             raise
 
-    def kill(self) -> None:
-        """SIGKILL the node's process group, then wait until its HTTP port is closed.
-
-        Ray's processes notice their driver's death on their own, a moment later; a restart on the
-        same port must wait for the old HTTP proxy to be gone.
-        """
+    def sigkill(self) -> None:
+        """SIGKILL the node and every process of its session (its Ray workers too, as when the
+        machine dies) and return at once (``kill`` then waits for it)."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                    if probe.connect_ex(("127.0.0.1", self.port)) != 0:
-                        return
-                time.sleep(0.2)
+            for pid in [self.process.pid, *session_pids(self.process.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        """SIGKILL the node and its whole session, then wait until its HTTP port is closed and its
+        processes are gone, so a restart on the same ports finds them free."""
+        if self.process is None:
+            return
+        self.sigkill()
+        self.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            leftover = session_pids(self.process.pid)
+            for pid in leftover:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) != 0 and not leftover:
+                    return
+            time.sleep(0.2)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def start_all(*nodes: NodeProcess) -> None:
+    """Start ``nodes`` at once (each waits until healthy); the first failure is raised."""
+    errors: list[BaseException] = []
+
+    def start(node: NodeProcess) -> None:
+        try:
+            node.start()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(node,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -16,14 +16,58 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from mycellm.config import NodeSettings
-from mycellm.engines.base import InferenceEngine
-from mycellm.forwarding import EngineServer
-from mycellm.identity import load_or_create_identity
-from mycellm.peers import PeerService
-from mycellm.settlement import CreditKeeper
-from mycellm.transport.certificates import DEVICE_CERTIFICATE_OID
-from mycellm.wire import ALPN
+from mycellm.config import NodeSettings, PriceSettings
+from mycellm.engines.protocol import InferenceEngine
+from mycellm.federation.authority import HostedNetwork, create_network, hosted_networks, invite
+from mycellm.federation.descriptions import JoinPolicy, NetworkDescription, NetworkPrices, Visibility
+from mycellm.federation.held import HeldNetworks
+from mycellm.federation.invites import InviteToken
+from mycellm.federation.memberships import MembershipCertificate, issue_membership
+from mycellm.identity.keys import load_or_create_identity
+from mycellm.ledger.memberships import MembershipBook
+from mycellm.ledger.store import Store
+from mycellm.network.messages import ALPN
+from mycellm.network.network_links import KeeperFactory
+from mycellm.network.service import PeerService
+from mycellm.network.serving import EngineServer
+from mycellm.network.settlement import CreditKeeper
+from mycellm.network.tls import DEVICE_CERTIFICATE_OID
+from mycellm.types import NetworkId
+
+TEST_NETWORK = "test"
+
+
+def shared_network(root: Path, prices: PriceSettings | None = None) -> NetworkDescription:
+    """The private network of one test: its authority lives in ``root/authority`` (made on first use)."""
+    data_dir = root / "authority"
+    authority = load_or_create_identity(data_dir, node_name="authority")
+    held = [network for network in hosted_networks(data_dir) if network.name == TEST_NETWORK]
+    if held:
+        return held[0].description
+    return create_network(
+        data_dir,
+        authority,
+        name=TEST_NETWORK,
+        visibility="private",
+        default=False,
+        bootstrap=(),
+        prices=NetworkPrices.from_settings(prices or PriceSettings()),
+        model_tiers={},
+    ).description
+
+
+def admit(root: Path, data_dir: Path, description: NetworkDescription, role: str = "seeder") -> None:
+    """Make the node of ``data_dir`` a member of the test network, as a redeemed invite would."""
+    authority = load_or_create_identity(root / "authority", node_name="authority")
+    member = load_or_create_identity(data_dir, node_name=data_dir.name)
+    assert authority.account_key is not None
+    membership = issue_membership(
+        authority.account_key,
+        description,
+        member.certificate.account_public_key,
+        role=role,  # type: ignore[arg-type]
+    )
+    HeldNetworks(data_dir, member).store_joined(description, membership, None)
 
 
 def peer_service(
@@ -31,8 +75,16 @@ def peer_service(
     name: str,
     engines: list[InferenceEngine] | None = None,
     keeper: CreditKeeper | None = None,
+    *,
+    member: bool = True,
+    keepers: KeeperFactory | None = None,
     **settings: object,
 ) -> PeerService:
+    """A PeerService on loopback; ``member``: in the test's shared network (made on first use).
+
+    ``keeper``, if given, keeps the credits of the shared network (a CreditBook of its id);
+    ``keepers`` opens the books of each network instead.
+    """
     values: dict[str, object] = {
         "node_name": name,
         "data_dir": root / name,
@@ -46,7 +98,19 @@ def peer_service(
     values.update(settings)
     node = NodeSettings(**values)  # type: ignore[arg-type]
     identity = load_or_create_identity(node.resolved_data_dir, node_name=name)
-    return PeerService(node, identity, EngineServer(list(engines or [])), keeper=keeper)
+    if member:
+        admit(root, node.resolved_data_dir, shared_network(root, node.credits))
+
+    async def shared(network_id: NetworkId, prices: PriceSettings) -> CreditKeeper:
+        assert keeper is not None
+        return keeper
+
+    return PeerService(
+        node,
+        identity,
+        EngineServer(list(engines or [])),
+        keepers=keepers or (None if keeper is None else shared),
+    )
 
 
 async def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:
@@ -95,3 +159,83 @@ async def refusal_reason(
         event = client._quic._close_event
         assert event is not None
         return event.reason_phrase
+
+
+def host_network(
+    root: Path, name: str, network: str, visibility: Visibility = "private", policy: JoinPolicy | None = None
+) -> HostedNetwork:
+    """A network hosted by the account of the node ``root/name`` (its identity made on first use)."""
+    identity = load_or_create_identity(root / name, node_name=name)
+    return create_network(
+        root / name,
+        identity,
+        name=network,
+        visibility=visibility,
+        default=False,
+        bootstrap=(),
+        prices=NetworkPrices.from_settings(PriceSettings()),
+        model_tiers={},
+        join_policy=policy,
+    )
+
+
+async def start_service(started: list[PeerService], service: PeerService) -> PeerService:
+    """Start ``service`` and keep it in ``started`` (the ``services`` fixture stops them all)."""
+    await service.start()
+    started.append(service)
+    return service
+
+
+async def authority_books(authority: PeerService) -> tuple[Store, MembershipBook]:
+    """The authority node's books (the caller closes the store)."""
+    store = await Store.open(authority._settings.resolved_database_url)
+    return store, MembershipBook(store.engine)
+
+
+async def recorded_invite(authority: PeerService, network: HostedNetwork, **terms: object) -> InviteToken:
+    """Sign an invite and keep it in the authority's books, as ``mycellm network invite`` does."""
+    token = invite(authority.identity, network, **terms)  # type: ignore[arg-type]
+    store, book = await authority_books(authority)
+    try:
+        await book.record_invite(
+            token.network_id, token.nonce, token.role, token.max_uses, token.expires_at, token.bind_key
+        )
+    finally:
+        await store.close()
+    return token
+
+
+async def admitted_for(
+    root: Path,
+    authority: PeerService,
+    network: HostedNetwork,
+    name: str,
+    *,
+    validity_s: int,
+    role: str = "seeder",
+) -> MembershipCertificate:
+    """Make the node of ``root/name`` a member for ``validity_s`` seconds only: an invite redeemed in
+    the authority's books with a certificate of that span, kept in the node's data directory."""
+    token = await recorded_invite(authority, network, role=role, max_uses=1)
+    member = load_or_create_identity(root / name, node_name=name)
+    assert authority.identity.account_key is not None
+    certificate = issue_membership(
+        authority.identity.account_key,
+        network.description,
+        member.certificate.account_public_key,
+        role=role,  # type: ignore[arg-type]
+        validity_s=validity_s,
+    )
+    store, book = await authority_books(authority)
+    try:
+        await book.redeem(
+            network.network_id,
+            token.nonce,
+            member.account_id,
+            time.time(),
+            lambda: (certificate.to_bytes(), float(certificate.expires_at)),
+        )
+    finally:
+        await store.close()
+    HeldNetworks(root / name, member).store_joined(network.description, certificate, network.revocations)
+    return certificate

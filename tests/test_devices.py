@@ -15,19 +15,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from mycellm.cli import app
-from mycellm.devices import (
+from mycellm.cli.app import app
+from mycellm.errors import IdentityError
+from mycellm.identity.certificates import issue_device_certificate
+from mycellm.identity.devices import add_device, list_devices, load_revocation_list, revoke_device
+from mycellm.identity.keys import load_or_create_identity
+from mycellm.identity.revocations import (
     REVOCATION_LIST_MAX_BYTES,
     RevocationBook,
     RevocationList,
-    add_device,
     issue_revocation_list,
-    list_devices,
-    load_revocation_list,
-    revoke_device,
 )
-from mycellm.errors import IdentityError
-from mycellm.identity import issue_device_certificate, load_or_create_identity
 
 NOW = 1_700_000_000
 

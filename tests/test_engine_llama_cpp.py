@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 
 import pytest
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import RESUME_UNSUPPORTED, EmbeddingRequest, GenerationRequest, collect
+from mycellm.engines.continuation import RESUME_UNSUPPORTED
 from mycellm.engines.llama_cpp import LlamaCppEngine, resolve_model_path
+from mycellm.engines.protocol import collect
 from mycellm.errors import ContextLengthError, EngineError, InvalidRequestError, UnsupportedParameterError
+from mycellm.types import EmbeddingRequest, GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +128,72 @@ async def test_forced_tool_and_errors(engine: LlamaCppEngine) -> None:
                 chat("x", response_format={"type": "json_schema", "json_schema": {"schema": "no"}})
             )
         )
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+async def test_a_tool_call_cut_by_max_tokens_finishes_with_length(engine: LlamaCppEngine) -> None:
+    request = chat(
+        "What is the weather in Cumbria?",
+        max_tokens=6,
+        temperature=0,
+        tools=(WEATHER_TOOL,),
+        tool_choice="required",
+    )
+    chunks = [chunk async for chunk in engine.generate(request)]
+    streamed = chunks[-1]
+    assert streamed.finish_reason == "length" and streamed.usage is not None
+    assert streamed.usage.completion_tokens == 6
+    whole = await collect(engine.generate(request))
+    assert whole.finish_reason == "length" and whole.usage.completion_tokens == 6
+    # Both keep the partial call, as OpenAI does; its arguments are cut, so not valid JSON.
+    for calls in ([call for chunk in chunks for call in chunk.tool_calls], whole.tool_calls):
+        [call] = calls
+        assert call.name == "weather" and call.arguments.startswith("{")
+        with pytest.raises(ValueError):
+            json.loads(call.arguments)
+
+
+EMOJI = "Emoji: 😀😃😄😁😆😅😂🤣"
+
+
+def ends_inside_a_character(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.reason == "unexpected end of data"
+    return False
+
+
+async def test_a_cut_inside_a_character_drops_it_instead_of_replacing_it(engine: LlamaCppEngine) -> None:
+    llama = engine._llama
+    assert llama is not None
+    prompt = llama.tokenize(EMOJI.encode(), add_bos=llama._model.add_bos_token(), special=True)
+
+    def greedy_pieces() -> list[bytes]:
+        tokens = itertools.islice(llama.generate(prompt, temp=0, repeat_penalty=1.0), 6)
+        return [llama.detokenize([token]) for token in tokens]
+
+    # The model's own tokens at temperature 0, on the engine's thread (llama.cpp is not thread-safe).
+    pieces = await asyncio.get_running_loop().run_in_executor(engine._generate_thread, greedy_pieces)
+    cuts = [size for size in range(1, 7) if ends_inside_a_character(b"".join(pieces[:size]))]
+    assert cuts, f"no budget from 1 to 6 ends inside a character: {pieces}"
+    for max_tokens in range(1, 7):
+        request = GenerationRequest(
+            request_id="r", model="m", prompt=EMOJI, max_tokens=max_tokens, temperature=0, seed=1
+        )
+        chunks = [chunk async for chunk in engine.generate(request)]
+        text = "".join(chunk.text for chunk in chunks)
+        assert "\ufffd" not in text, (max_tokens, text)
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == max_tokens  # the dropped bytes' tokens count
 
 
 async def test_embeddings_are_normalised_and_counted(engine: LlamaCppEngine) -> None:
@@ -267,3 +336,20 @@ async def test_a_constrained_generation_cannot_be_resumed(engine: LlamaCppEngine
         engine.generate(chat("x", max_tokens=2, continuation="Hi", response_format={"type": "text"}))
     )
     assert result.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("schema", [{"type": "foo"}, {"type": "object", "properties": {"a": 5}}])
+async def test_a_schema_the_converter_cannot_read_is_a_bad_request(
+    engine: LlamaCppEngine, schema: dict[str, object]
+) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(InvalidRequestError, match="cannot be turned into a grammar"):
+        await collect(engine.generate(chat("Answer.", max_tokens=4, response_format=response_format)))
+
+
+async def test_embedding_special_tokens_only_is_a_bad_request(engine: LlamaCppEngine) -> None:
+    llama = engine._llama
+    assert llama is not None
+    assert llama.detokenize([0]) == b""  # the end-of-text token: no text at all
+    with pytest.raises(InvalidRequestError, match="no text"):
+        await engine.embed(EmbeddingRequest(request_id="e", model="m", inputs=((0,),)))

@@ -12,15 +12,11 @@ from typing import Any
 import pytest
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import (
-    RESUME_UNSUPPORTED,
-    EmbeddingRequest,
-    GenerationRequest,
-    InferenceEngine,
-    collect,
-)
+from mycellm.engines.continuation import RESUME_UNSUPPORTED
 from mycellm.engines.openai_upstream import OpenAIUpstreamEngine
+from mycellm.engines.protocol import InferenceEngine, collect
 from mycellm.errors import EngineError, InvalidRequestError, ModelNotFoundError, UpstreamError
+from mycellm.types import EmbeddingRequest, GenerationRequest
 from tests.fake_upstream import (
     API_KEY,
     CHAT_PIECES,
@@ -154,6 +150,21 @@ async def test_tool_calls_are_assembled_from_fragments(
     assert (second.id, json.loads(second.arguments)) == ("call_b", {"city": "Tunis", "unit": "C"})
     assert upstream.requests[-1]["tools"] == [WEATHER_TOOL]
     assert upstream.requests[-1]["tool_choice"] == "auto"
+
+
+async def test_a_tool_call_the_upstream_cut_keeps_finish_length(
+    engine: OpenAIUpstreamEngine, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake's tool calls as a token limit would cut them: the first argument pieces, "length".
+    stream, ended = upstream._stream, {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+
+    def cut(request: Any, body: Any, events: list[dict[str, Any]], usage: Any) -> Any:
+        return stream(request, body, [*events[:5], ended], usage)
+
+    monkeypatch.setattr(upstream, "_stream", cut)
+    result = await collect(engine.generate(chat(max_tokens=2, tools=(WEATHER_TOOL,))))
+    assert result.finish_reason == "length"  # and the partial calls are kept as the upstream sent them
+    assert [call.arguments for call in result.tool_calls] == ['{"city"', '{"city"']
 
 
 async def test_an_upstream_that_does_not_stream_still_works(engine: OpenAIUpstreamEngine) -> None:

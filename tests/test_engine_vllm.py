@@ -16,14 +16,8 @@ import pytest
 import pytest_asyncio
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import (
-    RESUME_UNSUPPORTED,
-    ContinuationStopMatcher,
-    EmbeddingRequest,
-    GenerationRequest,
-    InferenceEngine,
-    collect,
-)
+from mycellm.engines.continuation import RESUME_UNSUPPORTED, ContinuationStopMatcher
+from mycellm.engines.protocol import InferenceEngine, collect
 from mycellm.engines.vllm import VllmEngine, json_constraint
 from mycellm.errors import (
     ContextLengthError,
@@ -31,6 +25,7 @@ from mycellm.errors import (
     InvalidRequestError,
     UnsupportedParameterError,
 )
+from mycellm.types import EmbeddingRequest, GenerationRequest
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # A small chat model vLLM can run; point MYCELLM_VLLM_MODEL at a local copy on machines without network.

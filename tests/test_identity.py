@@ -17,13 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_pri
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mycellm.errors import IdentityError
-from mycellm.identity import (
-    DeviceCertificate,
-    NodeIdentity,
-    issue_device_certificate,
-    load_or_create_identity,
-    peer_id_for,
-)
+from mycellm.identity.certificates import DeviceCertificate, issue_device_certificate, peer_id_for
+from mycellm.identity.keys import NodeIdentity, load_or_create_identity
 
 NOW = 1_700_000_000
 DAY_S = 86400

@@ -17,14 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
+from mycellm.config import PriceSettings
 from mycellm.errors import PaymentRequiredError, ReceiptError
-from mycellm.identity import NodeIdentity
+from mycellm.identity.keys import NodeIdentity
 from mycellm.ledger.audit import audit
 from mycellm.ledger.credits import CreditBook
-from mycellm.ledger.pricing import MICRO, PriceSettings, PriceTable
+from mycellm.ledger.pricing import MICRO, PriceTable
 from mycellm.ledger.receipts import Receipt, ReceiptTerms, check_receipt, countersign, draft_terms
 from mycellm.ledger.records import ServedRequestRecord
 from mycellm.ledger.store import Store
+from mycellm.network.settlement import CreditKeeper
 from tests.ledger_kit import NETWORK, make_receipt, parties
 
 PRICES = PriceTable(PriceSettings(initial_grant=1.0))
@@ -43,9 +45,16 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
+async def _members(book: CreditBook, people: dict[str, NodeIdentity]) -> CreditBook:
+    """``book`` with every party a proven member (granted once): accounts only seen in receipts get nothing."""
+    for identity in people.values():
+        await book.join(identity.account_id)
+    return book
+
+
 @pytest.fixture
-def book(store: Store) -> CreditBook:
-    return CreditBook(store.engine, PRICES, NETWORK)
+async def book(store: Store, people: dict[str, NodeIdentity]) -> CreditBook:
+    return await _members(CreditBook(store.engine, PRICES, NETWORK), people)
 
 
 async def _balances(book: CreditBook) -> dict[str, int]:
@@ -66,34 +75,48 @@ async def test_a_receipt_moves_credits_zero_sum_with_the_relay_fee(book: CreditB
         alice.account_id: grant - price,
         bob.account_id: grant + price - fee,
         relay.account_id: grant + fee,
+        people["carol"].account_id: grant,  # a member not party to the receipt
     }
     report = await audit(book._engine, PRICES, NETWORK)
     assert report.ok, report.problems
-    assert report.issued == report.total_balance == 3 * grant and report.receipts == 1
+    assert report.issued == report.total_balance == 4 * grant and report.receipts == 1
+
+
+async def _refused(book: CreditBook, receipt: Receipt, code: str, **options: bool) -> None:
+    """``receipt`` is refused with ``code`` and no balance moves."""
+    before = await _balances(book)
+    with pytest.raises(ReceiptError) as caught:
+        await book.settle(receipt, **options)
+    assert caught.value.code == code, caught.value.message
+    assert await _balances(book) == before
 
 
 async def test_refusals_change_nothing(book: CreditBook, people) -> None:
     alice, bob, carol = people["alice"], people["bob"], people["carol"]
     first = make_receipt(PRICES, alice, bob, "r-1")
     await book.settle(first)
-    before = await _balances(book)
-
-    async def refused(receipt: Receipt, code: str, **options: bool) -> None:
-        with pytest.raises(ReceiptError) as caught:
-            await book.settle(receipt, **options)
-        assert caught.value.code == code, caught.value.message
-        assert await _balances(book) == before
-
-    await refused(first, "receipt_replayed")
-    await refused(make_receipt(PRICES, alice, bob, "r-1", completion_tokens=7), "receipt_conflict")
+    await _refused(book, first, "receipt_replayed")
+    await _refused(book, make_receipt(PRICES, alice, bob, "r-1", completion_tokens=7), "receipt_conflict")
 
     # A tampered field: the signatures no longer cover the terms.
     terms = ReceiptTerms.from_bytes(first.terms).model_copy(
         update={"request_id": "r-2", "completion_tokens": 1}
     )
     tampered = first.model_copy(update={"terms": terms.to_bytes()})
-    await refused(tampered, "receipt_forged")
+    await _refused(book, tampered, "receipt_forged")
 
+    await _refused(book, make_receipt(PRICES, alice, bob, "r-5", network_id="elsewhere"), "receipt_invalid")
+    await _refused(book, make_receipt(PRICES, alice, alice, "r-6"), "receipt_invalid")  # paying itself
+    # The seeder's own ledger: a receipt for a request this node did not serve.
+    await _refused(book, make_receipt(PRICES, carol, bob, "r-7"), "receipt_unjustified", served_here=True)
+    assert not await book.is_settled("r-7")
+    report = await audit(book._engine, PRICES, NETWORK)
+    assert report.ok and report.receipts == 1
+
+
+async def test_wrong_signers_and_wrong_prices_change_nothing(book: CreditBook, people) -> None:
+    alice, bob = people["alice"], people["bob"]
+    await book.settle(make_receipt(PRICES, alice, bob, "r-1"))
     # Signed by a key that is not the consumer's device key (the account key, here).
     draft = draft_terms(
         PRICES,
@@ -114,7 +137,7 @@ async def test_refusals_change_nothing(book: CreditBook, people) -> None:
         consumer_signature=alice.account_key.sign(encoded),
         seeder_signature=bob.sign(encoded + alice.account_key.sign(encoded)),
     )
-    await refused(forged, "receipt_forged")
+    await _refused(book, forged, "receipt_forged")
     with pytest.raises(ReceiptError, match="consumer signature"):
         countersign(encoded, Ed25519PrivateKey.generate().sign(encoded), bob)
 
@@ -122,18 +145,33 @@ async def test_refusals_change_nothing(book: CreditBook, people) -> None:
     cheap = draft.model_copy(update={"request_id": "r-4", "price": 1, "seeder_share": 1})
     encoded = cheap.to_bytes()
     signature = alice.sign(encoded)
-    await refused(
+    await _refused(
+        book,
         Receipt(terms=encoded, consumer_signature=signature, seeder_signature=bob.sign(encoded + signature)),
         "receipt_mispriced",
     )
-
-    await refused(make_receipt(PRICES, alice, bob, "r-5", network_id="elsewhere"), "receipt_invalid")
-    await refused(make_receipt(PRICES, alice, alice, "r-6"), "receipt_invalid")  # an account paying itself
-    # The seeder's own ledger: a receipt for a request this node did not serve.
-    await refused(make_receipt(PRICES, carol, bob, "r-7"), "receipt_unjustified", served_here=True)
-    assert not await book.is_settled("r-7")
     report = await audit(book._engine, PRICES, NETWORK)
     assert report.ok and report.receipts == 1
+
+
+async def test_the_book_is_the_keeper_of_settlement_and_a_replay_is_no_error_there(
+    book: CreditBook, people
+) -> None:
+    alice, bob = people["alice"], people["bob"]
+    assert isinstance(book, CreditKeeper)
+    receipt = make_receipt(PRICES, alice, bob, "k-1")
+    assert await book.record_receipt(receipt)
+    before = await _balances(book)
+    assert not await book.record_receipt(receipt)  # a retried exchange, or gossip heard twice
+    assert not await book.record_receipt(receipt, observed=True)
+    assert await _balances(book) == before
+    # Every other refusal is still an error, and changes nothing.
+    with pytest.raises(ReceiptError) as conflict:
+        await book.record_receipt(make_receipt(PRICES, alice, bob, "k-1", completion_tokens=7))
+    assert conflict.value.code == "receipt_conflict"
+    with pytest.raises(PaymentRequiredError):
+        await book.record_receipt(make_receipt(PRICES, alice, bob, "k-2", completion_tokens=50_000))
+    assert await _balances(book) == before
 
 
 async def test_the_seeder_settles_only_what_it_served(book: CreditBook, store: Store, people) -> None:
@@ -240,7 +278,7 @@ def test_check_receipt_refuses_an_expired_party(people, tmp_path: Path) -> None:
 async def test_any_sequence_of_requests_keeps_the_books_balanced(store: Store, people, sequence) -> None:
     names = ["alice", "bob", "relay", "carol"]
     network = f"net-{next(EXAMPLES)}"
-    book = CreditBook(store.engine, PRICES, network)
+    book = await _members(CreditBook(store.engine, PRICES, network), people)
     for index, (consumer, seeder, relayed, prompt, completion) in enumerate(sequence):
         if consumer == seeder:
             continue
@@ -263,11 +301,11 @@ async def test_any_sequence_of_requests_keeps_the_books_balanced(store: Store, p
     assert sum((await book.balances()).values()) == report.issued
 
 
-
 SETTLER = """
 import asyncio, sys, cbor2
 from mycellm.ledger.credits import CreditBook
-from mycellm.ledger.pricing import PriceSettings, PriceTable
+from mycellm.config import PriceSettings
+from mycellm.ledger.pricing import PriceTable
 from mycellm.ledger.receipts import Receipt
 from mycellm.ledger.store import Store
 
@@ -309,7 +347,9 @@ async def test_a_ledger_killed_while_settling_is_whole_and_settles_the_rest_on_r
     ]
     batch = tmp_path / "receipts.cbor"
     batch.write_bytes(cbor2.dumps([receipt.to_bytes() for receipt in receipts]))
-    await (await Store.open(database_url)).close()  # schema first, so the kill lands in settling
+    opened = await Store.open(database_url)  # schema and members first, so the kill lands in settling
+    await _members(CreditBook(opened.engine, prices, "kill-net"), people)
+    await opened.close()
     await asyncio.to_thread(_settle_then_die, database_url, batch, "kill-net", 60)
 
     store = await Store.open(database_url)

@@ -17,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from tests.nodes import LONG_JSON, NodeProcess
+from tests.nodes import LONG_JSON, NodeProcess, start_all
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(600)]
 
@@ -49,21 +49,7 @@ class Network:
         self.ids: dict[str, str] = {}
 
     def start(self) -> None:
-        errors: list[BaseException] = []
-
-        def start(node: NodeProcess) -> None:
-            try:
-                node.start()
-            except BaseException as error:
-                errors.append(error)
-
-        threads = [threading.Thread(target=start, args=(node,)) for node in (self.a, self.b, self.c)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        start_all(self.a, self.b, self.c)
         for name in "abc":
             self.ids[name] = httpx.get(f"{getattr(self, name).url}/v1/node/status", timeout=10).json()[
                 "peer_id"

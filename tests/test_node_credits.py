@@ -12,8 +12,11 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from mycellm.config import NodeSettings, PriceSettings
+from mycellm.federation.held import create_default_network
+from mycellm.identity.keys import load_or_create_identity
 from mycellm.ledger.credits import CreditBook
-from mycellm.ledger.pricing import PriceSettings, PriceTable
+from mycellm.ledger.pricing import PriceTable
 from mycellm.ledger.store import Store
 from tests.ledger_kit import make_receipt, parties
 
@@ -22,8 +25,11 @@ from tests.ledger_kit import make_receipt, parties
 def test_a_fresh_node_shows_its_grant_and_no_receipts(node) -> None:
     credits = httpx.get(f"{node.url}/v1/node/credits", timeout=10).json()
     status = httpx.get(f"{node.url}/v1/node/status", timeout=10).json()
-    assert credits["account_id"] == status["account_id"] and credits["network_id"] == "public"
-    assert credits["balance"] == credits["initial_grant"] == 100.0 and credits["transfers"] == []
+    # The books are those of the node's default network, the one a bare node creates: id = account id.
+    assert credits["account_id"] == status["account_id"] == credits["network_id"]
+    # The node's own account is a member of the network it holds: granted once, the only transfer.
+    assert credits["balance"] == credits["initial_grant"] == 100.0
+    assert [transfer["kind"] for transfer in credits["transfers"]] == ["grant"]
     receipts = httpx.get(
         f"{node.url}/v1/node/receipts", params={"limit": 5, "role": "seeder"}, timeout=10
     ).json()
@@ -60,6 +66,9 @@ def test_ledger_audit_passes_clean_books_and_fails_tampered_ones(tmp_path: Path)
     data_dir = tmp_path / "node"
     people = parties(tmp_path, "alice", "bob")
     prices = PriceTable(PriceSettings())
+    identity = load_or_create_identity(data_dir, node_name="node")
+    network = create_default_network(NodeSettings(data_dir=data_dir, models=()), identity)
+    assert network is not None and network.network_id == identity.account_id
 
     async def fill(tamper: bool) -> None:
         store = await Store.open(f"sqlite+aiosqlite:///{data_dir / 'mycellm.db'}")
@@ -68,10 +77,14 @@ def test_ledger_audit_passes_clean_books_and_fails_tampered_ones(tmp_path: Path)
                 async with store.engine.begin() as connection:
                     await connection.execute(text("UPDATE credit_accounts SET balance = balance + 1"))
                 return
-            book = CreditBook(store.engine, prices, "public")
+            book = CreditBook(store.engine, prices, network.network_id)
+            await book.join(people["alice"].account_id)  # a proven member: granted once
+            await book.join(people["bob"].account_id)
             for index in range(3):
                 await book.settle(
-                    make_receipt(prices, people["alice"], people["bob"], f"q-{index}", network_id="public")
+                    make_receipt(
+                        prices, people["alice"], people["bob"], f"q-{index}", network_id=network.network_id
+                    )
                 )
         finally:
             await store.close()

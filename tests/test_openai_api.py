@@ -9,18 +9,10 @@ from typing import Any
 
 import pytest
 
-from mycellm.engines.base import EmbeddingResult, GenerationChunk, ToolCall, Usage
+from mycellm.api.openai import MAX_BODY_BYTES, ChatCompletionBody, CompletionBody, EmbeddingBody, parse_body
+from mycellm.api.responses import chat_chunk_json, embeddings_json, usage_json
 from mycellm.errors import InvalidRequestError, UnsupportedParameterError
-from mycellm.openai_api import (
-    MAX_BODY_BYTES,
-    ChatCompletionBody,
-    CompletionBody,
-    EmbeddingBody,
-    chat_chunk_json,
-    embeddings_json,
-    parse_body,
-    usage_json,
-)
+from mycellm.types import EmbeddingResult, GenerationChunk, ToolCall, Usage
 
 USER = {"role": "user", "content": "Hi"}
 

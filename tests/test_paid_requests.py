@@ -11,25 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from mycellm.config import ModelSettings
-from mycellm.engines.base import GenerationRequest, Usage
+from mycellm.config import ModelSettings, NodeSettings, PriceSettings
 from mycellm.engines.llama_cpp import LlamaCppEngine
 from mycellm.errors import PaymentRequiredError
 from mycellm.ledger.audit import audit
 from mycellm.ledger.credits import CreditBook
-from mycellm.ledger.pricing import MICRO, PriceSettings, PriceTable
+from mycellm.ledger.pricing import MICRO, PriceTable
 from mycellm.ledger.receipts import Receipt, ReceiptTerms, draft_terms, sign_as_consumer
 from mycellm.ledger.store import Store
-from mycellm.peers import PeerService
-from mycellm.settlement import BookKeeper
-from mycellm.wire import ErrorMessage, PingMessage, ReceiptOfferMessage, ReceiptsMessage
-from tests.peer_kit import peer_service, wait_for
+from mycellm.network.forwarding import Forwarder
+from mycellm.network.messages import ErrorMessage, PingMessage, ReceiptOfferMessage, ReceiptsMessage
+from mycellm.network.registry import PeerRegistry
+from mycellm.network.service import PeerService
+from mycellm.network.settlement import NetworkTerms
+from mycellm.types import CompletionResult, GenerationRequest, NetworkId, Usage
+from tests.peer_kit import peer_service, shared_network, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 # Cheap enough that hundreds of requests fit in the grant, dear enough that 402 is reachable.
 CREDITS = PriceSettings(tier_prices={"tiny": 1.0}, initial_grant=5.0)
-NETWORK = "paid-test"
 NUMBERS = itertools.count()
 
 
@@ -67,25 +68,36 @@ async def trio(
     prices = PriceTable(CREDITS)
     for name, url in zip("abc", ledger_urls, strict=True):
         store = await Store.open(url)
-        book = CreditBook(store.engine, prices, NETWORK)
+        book = CreditBook(store.engine, prices, NetworkId(shared_network(tmp_path, CREDITS).network_id))
         service = peer_service(
             tmp_path,
             f"node-{name}",
             [engine],
-            BookKeeper(book),
+            book,  # in this process the CreditBook itself is the CreditKeeper
             credits=CREDITS,
-            network_id=NETWORK,
             heartbeat_interval_s=2.0,  # hundreds of requests share two cores with the heartbeats
         )
         await service.start()
         nodes.append(PaidNode(service, store, book))
     for first, second in ((1, 0), (2, 0), (1, 2)):
         await nodes[first].service.connect(f"127.0.0.1:{nodes[second].service.port}")
-    await wait_for(lambda: all(len(node.service.sessions) == 2 for node in nodes), 10, "a full mesh")
+    await wait_for(lambda: all(len(node.service.connected()) == 2 for node in nodes), 10, "a full mesh")
     yield nodes
     for node in nodes:
         await node.service.stop()
         await node.store.close()
+
+
+async def _unpaid(consumer: PeerService, seeder: PeerService, request: GenerationRequest) -> CompletionResult:
+    """``request`` sent over the consumer's link without its Settler: nothing is paid on its own."""
+    free = NetworkTerms(consumer.networks.default_id(), {}, None)
+    forwarder = Forwarder(
+        consumer.session, PeerRegistry(), NodeSettings(stream_interval_s=0.0), lambda network_id: free
+    )
+    try:
+        return await forwarder.complete(seeder.peer_id, request)
+    finally:
+        await forwarder.close()
 
 
 def _request(model: str, max_tokens: int | None = 2) -> GenerationRequest:
@@ -102,7 +114,7 @@ async def test_a_paid_request_is_settled_on_both_sides(trio: list[PaidNode], eng
     a, b, _ = trio
     model = engine.models()[0].name
     request = _request(model, max_tokens=4)
-    result = await a.service.forwarder.complete(b.service.peer_id, request)
+    result = await a.service.complete(b.service.peer_id, request)
     for node in (a, b):
         await wait_for(lambda node=node: node.book.is_settled(request.request_id), 10, "the receipt")  # type: ignore[misc]
     price = PriceTable(CREDITS).price(
@@ -113,7 +125,7 @@ async def test_a_paid_request_is_settled_on_both_sides(trio: list[PaidNode], eng
         balances = await node.book.balances()
         assert balances[a.service.identity.account_id] == grant - price
         assert balances[b.service.identity.account_id] == grant + price
-        assert (await audit(node.store.engine, node.book.prices, NETWORK)).ok
+        assert (await audit(node.store.engine, node.book.prices, node.book.network_id)).ok
 
 
 async def test_a_consumer_that_cannot_pay_gets_402_before_any_work(
@@ -122,9 +134,10 @@ async def test_a_consumer_that_cannot_pay_gets_402_before_any_work(
     a, b, _ = trio
     model = engine.models()[0].name
     with pytest.raises(PaymentRequiredError, match="does not cover the price") as refused:
-        await a.service.forwarder.complete(b.service.peer_id, _request(model, max_tokens=20_000))
+        await a.service.complete(b.service.peer_id, _request(model, max_tokens=20_000))
     assert refused.value.status == 402
-    assert b.service.forwarder.serving == 0 and await b.book.balances() == {}
+    # Nothing moved on B: its own account and its linked peers' hold their grants, no receipt.
+    assert b.service.serving == 0 and set((await b.book.balances()).values()) <= {5 * MICRO}
     # An open max_tokens is capped at what the balance pays for.
     capped = await a.service.settler.admit(_request(model, None), engine.models()[0])  # type: ignore[union-attr]
     assert capped.max_tokens is not None and 0 < capped.max_tokens < 5000
@@ -139,7 +152,7 @@ async def test_offers_for_what_was_not_served_are_refused(
     terms = draft_terms(
         PriceTable(CREDITS),
         request_id="never-served",
-        network_id=NETWORK,
+        network_id=a.book.network_id,
         model=model.name,
         tier=model.tier,
         prompt_tokens=5,
@@ -156,9 +169,7 @@ async def test_offers_for_what_was_not_served_are_refused(
     assert "served no request never-served" in answer.message
     # A served request whose terms claim fewer tokens than were served.
     request = _request(model.name, max_tokens=3)
-    a.service.settler = None  # this node will not pay on its own; the test offers the terms
-    a.service.forwarder._settler = None
-    result = await a.service.forwarder.complete(b.service.peer_id, request)
+    result = await _unpaid(a.service, b.service, request)  # the test offers the terms itself
     low = ReceiptTerms.model_validate(
         terms.model_dump()
         | {
@@ -184,7 +195,7 @@ async def test_hundreds_of_concurrent_paid_requests_conserve_credits(
     requests = [_request(model, max_tokens=1) for _ in pairs]
     outcomes = await asyncio.gather(
         *(
-            consumer.service.forwarder.complete(seeder.service.peer_id, request)
+            consumer.service.complete(seeder.service.peer_id, request)
             for (consumer, seeder), request in zip(pairs, requests, strict=True)
         ),
         return_exceptions=True,
@@ -208,7 +219,7 @@ async def test_hundreds_of_concurrent_paid_requests_conserve_credits(
     await wait_for(everywhere, 30, "every receipt on every node")
     books = []
     for node in trio:
-        report = await audit(node.store.engine, node.book.prices, NETWORK)
+        report = await audit(node.store.engine, node.book.prices, node.book.network_id)
         assert report.ok, report.problems[:5]
         assert report.receipts == len(served)
         assert sum((await node.book.balances()).values()) == report.issued == 3 * 5 * MICRO
@@ -227,20 +238,20 @@ async def test_a_peer_that_only_consumes_is_refused_until_it_serves(
     b.service.settler.prices = PriceTable(
         CREDITS.model_copy(update={"grace_credits": 0.00001, "max_consume_ratio": 1.0})
     )
-    await a.service.forwarder.complete(b.service.peer_id, _request(model))
+    await a.service.complete(b.service.peer_id, _request(model))
     await a.service.settler.drain()
     record = b.service.registry.reputation_of(a.service.peer_id)
     assert (
         record is not None and record.consumed_credits > 0 and record.receipts_honoured == pytest.approx(1.0)
     )
     with pytest.raises(PaymentRequiredError, match="this peer consumed") as refused:
-        await a.service.forwarder.complete(b.service.peer_id, _request(model))
+        await a.service.complete(b.service.peer_id, _request(model))
     assert refused.value.status == 402
     # A serves B more than it consumed: B serves A again.
     for _ in range(3):
-        await b.service.forwarder.complete(a.service.peer_id, _request(model, max_tokens=2))
+        await b.service.complete(a.service.peer_id, _request(model, max_tokens=2))
     await b.service.settler.drain()
-    await a.service.forwarder.complete(b.service.peer_id, _request(model))
+    await a.service.complete(b.service.peer_id, _request(model))
     seen_by_a = a.service.registry.reputation_of(b.service.peer_id)
     assert (
         seen_by_a is not None
@@ -256,14 +267,13 @@ async def test_a_receipt_lost_in_a_crash_is_settled_on_retry(
     assert a.service.settler is not None and b.service.settler is not None
     model = engine.models()[0]
     settler = a.service.settler
-    a.service.forwarder._settler = None  # this request's payment is done by hand below
     request = _request(model.name, max_tokens=3)
-    result = await a.service.forwarder.complete(b.service.peer_id, request)
+    result = await _unpaid(a.service, b.service, request)  # its payment is done by hand below
     link = a.service.session(b.service.peer_id).link
     terms = draft_terms(
         PriceTable(CREDITS),
         request_id=request.request_id,
-        network_id=NETWORK,
+        network_id=a.book.network_id,
         model=model.name,
         tier=model.tier,
         prompt_tokens=result.usage.prompt_tokens,
@@ -273,7 +283,7 @@ async def test_a_receipt_lost_in_a_crash_is_settled_on_retry(
         started_at_ms=0,
     )
     encoded, signature = sign_as_consumer(terms, a.service.identity)
-    await settler.keeper.remember_offer(request.request_id, b.service.peer_id, encoded, signature)
+    await a.book.remember_offer(request.request_id, b.service.peer_id, encoded, signature)
     await settler._exchange(link, encoded, signature)  # B countersigns and settles; A "crashes" here
     assert await b.book.is_settled(request.request_id) and not await a.book.is_settled(request.request_id)
     assert len(await a.book.pending_offers(b.service.peer_id)) == 1
@@ -285,7 +295,7 @@ async def test_a_receipt_lost_in_a_crash_is_settled_on_retry(
     assert await a.book.receipt(request.request_id) == await b.book.receipt(request.request_id)
     assert await a.book.pending_offers(b.service.peer_id) == []
     for node in (a, b):
-        assert (await audit(node.store.engine, node.book.prices, NETWORK)).ok
+        assert (await audit(node.store.engine, node.book.prices, node.book.network_id)).ok
 
 
 async def test_receipts_heard_from_the_network_are_checked_like_any_other(
@@ -294,15 +304,15 @@ async def test_receipts_heard_from_the_network_are_checked_like_any_other(
     a, b, c = trio
     model = engine.models()[0].name
     request = _request(model, max_tokens=2)
-    await a.service.forwarder.complete(b.service.peer_id, request)
+    await a.service.complete(b.service.peer_id, request)
     await wait_for(lambda: c.book.is_settled(request.request_id), 10, "C hearing of the receipt")
     before = await c.book.balances()
     genuine = Receipt.from_bytes(await c.book.receipt(request.request_id) or b"")
     terms = ReceiptTerms.from_bytes(genuine.terms).model_copy(update={"request_id": "forged-1", "price": 1})
     forged = genuine.model_copy(update={"terms": terms.to_bytes()})
     session = a.service.session(c.service.peer_id)
-    a.service._send(session, ReceiptsMessage(receipts=(forged.to_bytes(), b"garbage")))
-    a.service._send(session, PingMessage(seq=10**6, sent_at=0.0))
+    session.send(ReceiptsMessage(receipts=(forged.to_bytes(), b"garbage")))
+    session.send(PingMessage(seq=10**6, sent_at=0.0))
     await asyncio.sleep(0.5)
     assert not await c.book.is_settled("forged-1") and await c.book.balances() == before
-    assert (await audit(c.store.engine, c.book.prices, NETWORK)).ok
+    assert (await audit(c.store.engine, c.book.prices, c.book.network_id)).ok

@@ -12,24 +12,20 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mycellm.config import ModelSettings
-from mycellm.devices import add_device, revoke_device
-from mycellm.engines.base import EmbeddingRequest, GenerationRequest
 from mycellm.engines.llama_cpp import LlamaCppEngine
 from mycellm.errors import PeerError
-from mycellm.identity import issue_device_certificate, load_or_create_identity
-from mycellm.peers import PeerService
-from mycellm.transport.quic import QuicEndpoint
-from mycellm.wire import (
-    HEADER,
-    ErrorMessage,
-    HelloMessage,
-    PingMessage,
-    PongMessage,
-    encode_frame,
-    make_hello,
-)
+from mycellm.federation.held import HeldNetworks
+from mycellm.identity.certificates import issue_device_certificate
+from mycellm.identity.devices import add_device, revoke_device
+from mycellm.identity.keys import NodeIdentity, load_or_create_identity
+from mycellm.network.codec import HEADER, encode_frame
+from mycellm.network.hello import make_hello
+from mycellm.network.messages import ErrorMessage, HelloMessage, PingMessage, PongMessage
+from mycellm.network.quic import QuicEndpoint
+from mycellm.network.service import PeerService
+from mycellm.types import EmbeddingRequest, GenerationRequest
 from tests.nodes import LONG_JSON
-from tests.peer_kit import crafted_certificate, peer_service, refusal_reason, wait_for
+from tests.peer_kit import admit, crafted_certificate, peer_service, refusal_reason, shared_network, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,9 +46,9 @@ async def server(tmp_path: Path) -> AsyncIterator[PeerService]:
 
 
 def _unchanged(service: PeerService) -> None:
-    assert service.sessions == {}
+    assert service.connected() == []
     assert service.registry.records() == []
-    assert service.forwarder.serving == 0
+    assert service.serving == 0
 
 
 async def test_a_relay_streams_cancels_and_embeds_through_its_peer(
@@ -63,7 +59,7 @@ async def test_a_relay_streams_cancels_and_embeds_through_its_peer(
     relay = peer_service(tmp_path, "relay", bootstrap_peers=(f"127.0.0.1:{port}",))
     await relay.start()
     try:
-        await wait_for(lambda: seeder.peer_id in relay.sessions, what="the relay's link")
+        await wait_for(lambda: seeder.peer_id in relay.connected(), what="the relay's link")
         model = engine.models()[0].name
         request = GenerationRequest(
             request_id="s-1",
@@ -71,17 +67,15 @@ async def test_a_relay_streams_cancels_and_embeds_through_its_peer(
             messages=({"role": "user", "content": "Name a color."},),
             max_tokens=12,
         )
-        first = await relay.forwarder.open(seeder.peer_id, request, 30.0)
+        first = await relay.open(seeder.peer_id, request, 30.0)
         pieces, chunk = [first.text], first
         while not chunk.is_final:
-            chunk = await relay.forwarder.pull("s-1", 10.0) or chunk.model_copy(update={"text": ""})
+            chunk = await relay.pull("s-1", 10.0) or chunk.model_copy(update={"text": ""})
             pieces.append(chunk.text)
         assert chunk.usage is not None and chunk.usage.completion_tokens <= 12
-        direct = await relay.forwarder.complete(
-            seeder.peer_id, request.model_copy(update={"request_id": "s-2"})
-        )
+        direct = await relay.complete(seeder.peer_id, request.model_copy(update={"request_id": "s-2"}))
         assert direct.usage.prompt_tokens == chunk.usage.prompt_tokens
-        vectors = await relay.forwarder.embed(
+        vectors = await relay.embed(
             seeder.peer_id, EmbeddingRequest(request_id="e-1", model=model, inputs=("hello",)), 30.0
         )
         assert len(vectors.vectors) == 1 and len(vectors.vectors[0]) > 10
@@ -93,10 +87,10 @@ async def test_a_relay_streams_cancels_and_embeds_through_its_peer(
         endless = request.model_copy(
             update={"request_id": "s-3", "max_tokens": 900, "response_format": LONG_JSON}
         )
-        await relay.forwarder.open(seeder.peer_id, endless, 30.0)
-        assert seeder.forwarder.serving == 1
-        assert await relay.forwarder.cancel("s-3")
-        await wait_for(lambda: seeder.forwarder.serving == 0 and seeder.load == 0, 5.0, "the remote cancel")
+        await relay.open(seeder.peer_id, endless, 30.0)
+        assert seeder.serving == 1
+        assert await relay.cancel("s-3")
+        await wait_for(lambda: seeder.serving == 0 and seeder.load == 0, 5.0, "the remote cancel")
     finally:
         await relay.stop()
         await seeder.stop()
@@ -108,7 +102,7 @@ async def test_heartbeats_notice_a_silent_peer_and_redial_it(tmp_path: Path) -> 
     watcher = peer_service(tmp_path, "watcher", bootstrap_peers=(f"127.0.0.1:{port}",), heartbeat_misses=2)
     await watcher.start()
     try:
-        await wait_for(lambda: quiet.peer_id in watcher.sessions, what="the link")
+        await wait_for(lambda: quiet.peer_id in watcher.connected(), what="the link")
         await wait_for(
             lambda: (watcher.registry.get(quiet.peer_id) or object()).__dict__.get("rtt_ms"), what="a pong"
         )
@@ -116,11 +110,11 @@ async def test_heartbeats_notice_a_silent_peer_and_redial_it(tmp_path: Path) -> 
         transport = quiet.endpoint._server._transport  # type: ignore[union-attr]
         original = transport.sendto
         transport.sendto = lambda *args, **kwargs: None
-        await wait_for(lambda: quiet.peer_id not in watcher.sessions, 3.0, "dead-peer detection")
+        await wait_for(lambda: quiet.peer_id not in watcher.connected(), 3.0, "dead-peer detection")
         record = watcher.registry.get(quiet.peer_id)
         assert record is not None and record.state == "dead"
         transport.sendto = original
-        await wait_for(lambda: quiet.peer_id in watcher.sessions, 10.0, "the redial")
+        await wait_for(lambda: quiet.peer_id in watcher.connected(), 10.0, "the redial")
         assert watcher.registry.get(quiet.peer_id).state == "alive"  # type: ignore[union-attr]
     finally:
         await watcher.stop()
@@ -136,15 +130,17 @@ async def test_peers_are_exchanged_and_the_registry_survives_a_restart(tmp_path:
     await newcomer.start()
     try:
         # The newcomer only knows the hub, and learns the leaf from it.
-        await wait_for(lambda: leaf.peer_id in newcomer.sessions, 10.0, "a link learned by exchange")
+        await wait_for(lambda: leaf.peer_id in newcomer.connected(), 10.0, "a link learned by exchange")
     finally:
         await newcomer.stop()
     restarted = peer_service(tmp_path, "newcomer")  # no bootstrap: only what the registry remembers
     await restarted.start()
     try:
-        assert {record.peer_id for record in restarted.peers()} >= {hub.peer_id, leaf.peer_id}
+        assert {record.peer_id for record in restarted.registry.records()} >= {hub.peer_id, leaf.peer_id}
         await wait_for(
-            lambda: {hub.peer_id, leaf.peer_id} <= set(restarted.sessions), 10.0, "redials from the registry"
+            lambda: {hub.peer_id, leaf.peer_id} <= set(restarted.connected()),
+            10.0,
+            "redials from the registry",
         )
     finally:
         await restarted.stop()
@@ -178,7 +174,7 @@ async def test_a_tls_key_that_is_not_the_device_key_is_refused(server: PeerServi
 
 async def test_a_wrong_account_signature_is_refused(server: PeerService) -> None:
     account, impostor, device = (Ed25519PrivateKey.generate() for _ in range(3))
-    from mycellm.identity import _raw_public_key
+    from mycellm.identity.certificates import raw_public_key as _raw_public_key
 
     genuine = issue_device_certificate(account, _raw_public_key(device), name="forged")
     # Claims ``account`` but is signed by another key.
@@ -190,7 +186,7 @@ async def test_a_wrong_account_signature_is_refused(server: PeerService) -> None
 
 async def test_an_expired_certificate_is_refused(server: PeerService) -> None:
     account, device = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    from mycellm.identity import _raw_public_key
+    from mycellm.identity.certificates import raw_public_key as _raw_public_key
 
     old = issue_device_certificate(account, _raw_public_key(device), name="old", validity_s=60, now=1_000_000)
     reason = await refusal_reason(server.port, crafted_certificate(device, old.to_bytes()), device)
@@ -208,18 +204,18 @@ async def test_a_revoked_device_is_refused_here_and_by_peers_that_hear_of_it(tmp
     laptop = peer_service(tmp_path, "laptop", bootstrap_peers=(f"127.0.0.1:{port}",))
     await laptop.start()
     try:
-        await wait_for(lambda: laptop.peer_id in owner.sessions, what="the device's link")
+        await wait_for(lambda: laptop.peer_id in owner.connected(), what="the device's link")
         revoke_device(tmp_path / "owner", "laptop")
         # The owner reads its account's new list, drops the device, and tells its peers.
         await wait_for(
-            lambda: laptop.peer_id not in owner.sessions, 5.0, "the revoked device's link to close"
+            lambda: laptop.peer_id not in owner.connected(), 5.0, "the revoked device's link to close"
         )
         await owner.connect(f"127.0.0.1:{listener_port}")
         await wait_for(lambda: len(listener.revocations.lists()) == 1, 5.0, "the gossiped revocation list")
         for target in (port, listener_port):
             with pytest.raises(PeerError, match="revoked"):
                 await laptop.connect(f"127.0.0.1:{target}")
-        assert laptop.peer_id not in listener.sessions and listener.registry.get(laptop.peer_id) is None
+        assert laptop.peer_id not in listener.connected() and listener.registry.get(laptop.peer_id) is None
     finally:
         for service in (laptop, listener, owner):
             await service.stop()
@@ -228,8 +224,16 @@ async def test_a_revoked_device_is_refused_here_and_by_peers_that_hear_of_it(tmp
 # -- refusals: hello and frames --------------------------------------------------------------------
 
 
+def _memberships(tmp_path: Path, identity: NodeIdentity) -> tuple[bytes, ...]:
+    """The client's memberships of the test network, as its hello presents them."""
+    held = HeldNetworks(tmp_path / "client", identity)
+    held.refresh()
+    return tuple(network.membership.to_bytes() for network in held.networks())
+
+
 async def _linked(tmp_path: Path, server: PeerService, name: str = "client") -> tuple[QuicEndpoint, object]:
     identity = load_or_create_identity(tmp_path / name, node_name=name)
+    admit(tmp_path, tmp_path / name, shared_network(tmp_path))
 
     async def ignore(link: object, stream: object) -> None:
         return None
@@ -244,12 +248,19 @@ async def test_a_hello_replayed_on_another_connection_is_refused(server: PeerSer
     try:
         identity = client.identity
         hello = make_hello(
-            identity, server.peer_id, first.binding, node_name="c", address=None, models=(), load=0
+            identity,
+            server.peer_id,
+            first.binding,
+            node_name="c",
+            address=None,
+            models=(),
+            load=0,
+            memberships=_memberships(tmp_path, identity),
         )
         control = first.open_stream()
         control.send(hello)
         assert isinstance(await control.receive(5.0), HelloMessage)
-        await wait_for(lambda: identity.peer_id in server.sessions, what="the first session")
+        await wait_for(lambda: identity.peer_id in server.connected(), what="the first session")
         second = await client.connect("127.0.0.1", server.port)
         replay = second.open_stream()
         replay.send(hello)  # signed for the first connection
@@ -257,7 +268,7 @@ async def test_a_hello_replayed_on_another_connection_is_refused(server: PeerSer
         assert isinstance(answer, ErrorMessage) and answer.code == "replayed"
         await asyncio.wait_for(second.wait_closed(), 5.0)
         assert "refused" in second.close_reason
-        assert server.sessions[identity.peer_id].link.binding == first.binding  # the first link stands
+        assert server.session(identity.peer_id).link.binding == first.binding  # the first link stands
     finally:
         await client.close()
 
@@ -288,7 +299,14 @@ async def _session(tmp_path: Path, server: PeerService) -> tuple[QuicEndpoint, o
     control = link.open_stream()
     control.send(
         make_hello(
-            client.identity, server.peer_id, link.binding, node_name="c", address=None, models=(), load=0
+            client.identity,
+            server.peer_id,
+            link.binding,
+            node_name="c",
+            address=None,
+            models=(),
+            load=0,
+            memberships=_memberships(tmp_path, client.identity),
         )
     )
     assert isinstance(await control.receive(5.0), HelloMessage)
@@ -313,7 +331,7 @@ async def test_bad_frames_are_answered_with_a_typed_error(
         link.send_raw(stream.stream_id, raw, False)
         answer = await stream.receive(5.0)
         assert isinstance(answer, ErrorMessage) and answer.code == code
-        assert server.forwarder.serving == 0
+        assert server.serving == 0
         # The link itself is still good.
         control.send(PingMessage(seq=5, sent_at=0.0))
         assert await _next(control, PongMessage) == PongMessage(seq=5, sent_at=0.0, load=0)

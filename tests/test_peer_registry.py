@@ -1,4 +1,4 @@
-"""PeerRegistry: decaying reputation, the freeloader test, and the file that survives restarts."""
+"""PeerRegistry: decaying reputation, the freeloader test, the file that survives restarts, peer routes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mycellm.peer_registry import PeerRegistry
+from mycellm.network.registry import PeerRegistry
+from mycellm.routing.peer_routes import peer_routes
+from mycellm.types import ModelInfo, PeerId
 
 PEER = "ab" * 32
 DAY = 86400.0
@@ -76,3 +78,26 @@ def test_the_registry_file_survives_and_bad_files_are_set_aside(tmp_path: Path) 
     assert record is not None and record.state == "unknown" and record.served_us_credits == pytest.approx(3.0)
     path.write_text("{not json")
     assert PeerRegistry(path).records() == []
+
+
+def test_what_is_known_of_a_peer_becomes_one_route_per_model() -> None:
+    registry = _registry()
+    registry.heard(PEER, rtt_ms=12.0, load=3, now=1.0)
+    registry.outcome(PEER, True, now=1.0)
+    registry.outcome(PEER, False, now=1.0)
+    record = registry.reputation_of(PEER, now=1.0)
+    assert record is not None
+    models = (
+        ModelInfo(name="small", backend="llama_cpp"),
+        ModelInfo(name="big", backend="vllm", tier="capable"),
+    )
+    routes = peer_routes(
+        PeerId(PEER), models, rtt_ms=record.rtt_ms, load=record.load, reputation=record.reputation
+    )
+    assert [route.model for route in routes] == list(models)
+    for route in routes:
+        assert (route.kind, route.target, route.hops) == ("peer", PEER, 1)
+        assert (route.latency_ms, route.load, route.success_rate) == (12.0, 3, pytest.approx(0.5))
+    # Before the first pong the round trip is unknown: no latency counts against the route.
+    (fresh,) = peer_routes(PeerId(PEER), models[:1], rtt_ms=None, load=0, reputation=1.0)
+    assert fresh.latency_ms == 0.0 and fresh.success_rate == 1.0

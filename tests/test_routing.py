@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from mycellm.engines.base import ModelInfo
 from mycellm.errors import ModelNotFoundError, RoutingConstraintError
-from mycellm.routing import Route, RoutingOptions, rank_routes, route_score
+from mycellm.routing.ranking import Route, RoutingOptions, rank_routes, route_score
+from mycellm.types import ModelInfo
 
 
 def model(name: str = "m", tier: str | None = "fast", **fields: Any) -> ModelInfo:
@@ -190,3 +190,20 @@ def test_routing_options_accept_good_values() -> None:
     assert options.min_tier == "capable"
     assert options.required_tags == ("code",)
     assert options.fallback == "next"
+
+
+def test_the_network_fixes_a_peers_tier_and_a_peer_may_only_claim_lower() -> None:
+    from mycellm.network.settlement import NetworkTerms
+    from mycellm.types import NetworkId
+
+    terms = NetworkTerms(NetworkId("n" * 64), {"m": "fast", "other": "capable"}, None)
+    assert terms.priced(model("m", tier="frontier")).tier == "fast"  # a claim above the network's
+    assert terms.priced(model("m", tier=None)).tier == "fast"
+    assert terms.priced(model("m", tier="tiny")).tier == "tiny"  # a server may rank its copy lower
+    assert terms.priced(model("unlisted", tier="frontier")).tier == "tiny"  # unlisted: the lowest
+    # A peer that lies about its tier never outranks a local worker of the model at the network's tier.
+    routes = [
+        route("peer", "liar", terms.priced(model("m", tier="frontier"))),
+        route("local", "worker-0", model("m", tier="fast")),
+    ]
+    assert targets(rank_routes(routes, "m")) == ["worker-0", "liar"]

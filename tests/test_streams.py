@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from mycellm.engines.base import GenerationChunk, ToolCall, Usage
+from mycellm.engines.streams import ChunkBuffer
 from mycellm.errors import EngineError
-from mycellm.streams import ChunkBuffer
+from mycellm.types import GenerationChunk, ToolCall, Usage
 
 USAGE = Usage(prompt_tokens=5, completion_tokens=3)
 

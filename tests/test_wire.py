@@ -3,36 +3,49 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 from pathlib import Path
+from typing import get_args
 
 import cbor2
 import pytest
 
-from mycellm.engines.base import GenerationRequest, ModelInfo, Usage
-from mycellm.errors import ContextLengthError, EngineError, InvalidRequestError, PeerError, ProtocolError
-from mycellm.identity import load_or_create_identity
-from mycellm.wire import (
-    HEADER,
+from mycellm.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    PaymentRequiredError,
+    PeerError,
+    ProtocolError,
+    ReceiptError,
+    RequestCancelledError,
+    UnsupportedParameterError,
+    UpstreamError,
+)
+from mycellm.identity.keys import load_or_create_identity
+from mycellm.network.codec import HEADER, FrameReader, decode_body, encode_frame
+from mycellm.network.hello import HelloChecker, make_hello
+from mycellm.network.messages import (
+    CONTROL_KINDS,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    REQUEST_KINDS,
+    WIRE_ERRORS,
     CancelMessage,
     ChunkMessage,
     DoneMessage,
+    ErrorCode,
     ErrorMessage,
-    FrameReader,
-    HelloChecker,
     InferenceMessage,
     PeerAddress,
     PeersMessage,
     PingMessage,
-    decode_body,
-    encode_frame,
     error_from_message,
     error_message,
-    make_hello,
 )
+from mycellm.types import GenerationRequest, ModelInfo, Usage
 
 
 def _raw(envelope: object) -> bytes:
@@ -129,7 +142,7 @@ def test_decode_body_refuses_deep_nesting() -> None:
 
 
 def test_every_kind_has_a_unique_name() -> None:
-    assert len(MESSAGE_TYPES) == 16
+    assert len(MESSAGE_TYPES) == 19
     assert all(kind == message.kind for kind, message in MESSAGE_TYPES.items())
 
 
@@ -149,6 +162,50 @@ def test_errors_cross_the_wire_with_their_meaning() -> None:
     assert isinstance(lost, PeerError) and lost.status == 503
     # A model the peer no longer has is the route's fault: another route may serve it.
     assert isinstance(error_from_message(ErrorMessage(code="model_not_found", message="x"), peer), PeerError)
+
+
+def test_every_error_code_has_one_meaning_in_the_table() -> None:
+    assert set(get_args(ErrorCode)) == set(WIRE_ERRORS)
+    # Each error class but ProtocolError (which carries its own code) stands for one code only.
+    classes = [wire.error_type for wire in WIRE_ERRORS.values() if wire.error_type is not ProtocolError]
+    assert len(classes) == len(set(classes))
+    for code, wire in WIRE_ERRORS.items():
+        back = error_from_message(ErrorMessage(code=code, message="x"), "b" * 64)
+        assert isinstance(back, wire.error_type if wire.request_fault else PeerError), code
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (ContextLengthError("x"), "context_length"),
+        (UnsupportedParameterError("x"), "unsupported_parameter"),
+        (InvalidRequestError("x"), "invalid_request"),
+        (RequestCancelledError("x"), "cancelled"),
+        (PaymentRequiredError("x", param="balance"), "insufficient_credits"),
+        (ReceiptError("x"), "receipt_refused"),
+        (UpstreamError("x"), "engine_error"),
+        (PeerError("x"), "engine_error"),
+        (ProtocolError("x", code="replayed"), "replayed"),
+        (ProtocolError("x", code="no_such_code"), "bad_frame"),
+    ],
+)
+def test_an_error_and_its_frame_mean_the_same_on_both_sides(error: Exception, code: str) -> None:
+    message = error_message(error)
+    assert message.code == code and message.message == "x"
+    back = error_from_message(message, "b" * 64)
+    if WIRE_ERRORS[message.code].request_fault:
+        assert type(back) is type(error) and back.param == getattr(error, "param", None)
+    else:  # the route failed: another route may still serve the request
+        assert isinstance(back, PeerError)
+
+
+def test_each_stream_declares_the_kinds_it_accepts() -> None:
+    assert set(MESSAGE_TYPES).issuperset(CONTROL_KINDS | REQUEST_KINDS)
+    assert CONTROL_KINDS.isdisjoint(REQUEST_KINDS)
+    assert sorted(REQUEST_KINDS) == ["embed", "infer", "receipt?"]
+    # A hello opens a link and answers never open a stream; neither is a control message.
+    answers = {"hello", "chunk", "done", "embedding", "receipt", "cancel"}
+    assert answers.isdisjoint(CONTROL_KINDS | REQUEST_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +274,85 @@ def test_a_stale_or_misaddressed_hello_is_refused(identities) -> None:
     elsewhere = make_hello(a, a.peer_id, b"l", node_name="a", address=None, models=(), load=0)
     with pytest.raises(ProtocolError, match="addressed to another node"):
         HelloChecker(b.peer_id).check(elsewhere, a.device_public_key, b"l")
+
+
+@pytest.mark.parametrize("sent_at", [float("nan"), float("inf"), float("-inf")])
+def test_a_hello_whose_time_is_not_a_number_is_refused(identities, sent_at: float) -> None:
+    a, b = identities
+    fresh = make_hello(a, b.peer_id, b"link-1", node_name="a", address=None, models=(), load=0)
+    unsigned = fresh.model_copy(update={"sent_at": sent_at, "signature": b""})
+    hello = unsigned.model_copy(update={"signature": a.sign(unsigned.signed_payload())})
+    with pytest.raises(ProtocolError, match="not a time") as refused:
+        HelloChecker(b.peer_id).check(hello, a.device_public_key, b"link-1")
+    assert refused.value.code == "bad_hello"
+    # On the wire such a time is not even a hello.
+    with pytest.raises(ProtocolError, match=r"hello\.sent_at") as undecodable:
+        decode_body(cbor2.dumps({"v": PROTOCOL_VERSION, "k": "hello", "b": unsigned.model_dump()}))
+    assert undecodable.value.code == "bad_frame"
+
+
+_LONG = "x" * 5000
+_REQUEST = {"request_id": "r", "model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# For each kind, a body whose one over-long (or not finite) field is named by the second item.
+OVER_LONG: list[tuple[str, dict[str, object], str]] = [
+    ("hello", {"peer_id": "a" * 65}, "peer_id"),
+    ("ping", {"seq": 1, "sent_at": float("nan")}, "sent_at"),
+    ("pong", {"seq": 1, "sent_at": float("inf")}, "sent_at"),
+    ("infer", {"request": {**_REQUEST, "request_id": _LONG}}, "request"),
+    ("infer", {"request": {**_REQUEST, "model": _LONG}}, "request"),
+    ("infer", {"request": {**_REQUEST, "network_id": "a" * 65}}, "request"),
+    ("infer", {"request": {**_REQUEST, "stop": ["s"] * 17}}, "request"),
+    ("embed", {"request": {"request_id": _LONG, "model": "m", "inputs": ["hi"]}}, "request"),
+    ("embedding", {"vectors": [[0.0]] * 4097, "prompt_tokens": 1}, "vectors"),
+    ("chunk", {"text": "x" * ((1 << 20) + 1)}, "text"),
+    ("chunk", {"tool_calls": [{"id": _LONG, "name": "f", "arguments": "{}"}]}, "tool_calls"),
+    (
+        "done",
+        {
+            "tool_calls": [{"id": "c", "name": _LONG, "arguments": "{}"}],
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+        },
+        "tool_calls",
+    ),
+    ("error", {"code": "internal", "message": _LONG}, "message"),
+    ("cancel", {"reason": _LONG}, "reason"),
+    ("peers", {"peers": [{"peer_id": "a" * 64, "address": _LONG}]}, "peers"),
+    ("revocations", {"lists": [b"x" * 65537]}, "lists"),
+    ("receipt?", {"terms": b"x" * 32769, "consumer_signature": b"s" * 64}, "terms"),
+    ("receipt", {"receipt": b"x" * 65537}, "receipt"),
+    ("receipts", {"receipts": [b"x" * 65537]}, "receipts"),
+    ("join?", {"network_id": "a" * 65}, "network_id"),
+    ("joined", {"description": b"x" * 65537, "membership": b""}, "description"),
+    ("networks", {"descriptions": [b"x" * 65537]}, "descriptions"),
+]
+
+
+def _hello_body(identities, **fields: object) -> dict[str, object]:
+    a, b = identities
+    hello = make_hello(a, b.peer_id, b"link-1", node_name="a", address=None, models=(), load=0)
+    return {**hello.model_dump(), **fields}
+
+
+@pytest.mark.parametrize(("kind", "body", "field"), OVER_LONG, ids=[f"{k}.{f}" for k, _, f in OVER_LONG])
+def test_an_over_long_field_of_any_message_is_refused_with_a_typed_error(
+    identities, kind: str, body: dict[str, object], field: str
+) -> None:
+    if kind == "hello":
+        body = _hello_body(identities, **body)
+    with pytest.raises(ProtocolError, match=rf"^{re.escape(kind)}\.{field}") as refused:
+        decode_body(cbor2.dumps({"v": PROTOCOL_VERSION, "k": kind, "b": body}))
+    assert refused.value.code == "bad_frame"
+
+
+def test_every_kind_but_the_empty_one_has_an_over_long_case() -> None:
+    assert {kind for kind, _, _ in OVER_LONG} == set(MESSAGE_TYPES) - {"peers?"}
+
+
+def test_the_models_of_a_hello_have_bounded_names(identities) -> None:
+    body = _hello_body(identities, models=[{"name": _LONG, "backend": "x"}])
+    with pytest.raises(ProtocolError, match=r"^hello\.models") as refused:
+        decode_body(cbor2.dumps({"v": PROTOCOL_VERSION, "k": "hello", "b": body}))
+    assert refused.value.code == "bad_frame"

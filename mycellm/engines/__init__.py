@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import InferenceEngine
+from mycellm.engines.protocol import InferenceEngine
 
 
 def build_engine(settings: ModelSettings) -> InferenceEngine:

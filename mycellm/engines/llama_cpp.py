@@ -8,7 +8,6 @@ import importlib.util
 import logging
 import random
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,20 +18,9 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from mycellm.config import BUNDLED_MODEL, ModelSettings
-from mycellm.engines.base import (
-    ContinuationStopMatcher,
-    EmbeddingRequest,
-    EmbeddingResult,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    ModelInfo,
-    ToolCall,
-    Usage,
-    continuation_budget,
-    resume_refused,
-)
-from mycellm.engines.grammar import compile_grammar, response_format_grammar, tool_grammar_for
+from mycellm.engines.continuation import ContinuationStopMatcher, continuation_budget, resume_refused
+from mycellm.engines.grammar import compile_grammar, end_tool_call, response_format_grammar, tool_grammar_for
+from mycellm.engines.names import model_name_for, model_tier_for
 from mycellm.errors import (
     ContextLengthError,
     EngineError,
@@ -40,11 +28,19 @@ from mycellm.errors import (
     MycellmError,
     UnsupportedParameterError,
 )
+from mycellm.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    Usage,
+)
 
 logger = logging.getLogger(__name__)
 
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NAME = "SmolLM2-135M-Instruct"
 
 
 def resolve_model_path(path: str) -> Path:
@@ -61,12 +57,6 @@ def resolve_model_path(path: str) -> Path:
     if not candidate.is_file():
         raise EngineError(f"model file not found: {candidate}")
     return candidate
-
-
-def model_name_for(settings: ModelSettings) -> str:
-    if settings.name:
-        return settings.name
-    return BUNDLED_NAME if settings.path == BUNDLED_MODEL else Path(settings.path).stem
 
 
 @dataclass(frozen=True)
@@ -171,7 +161,7 @@ class LlamaCppEngine:
                 context_tokens=self.context_tokens,
                 supports_embeddings=self._settings.embeddings,
                 supports_tools=True,
-                tier=self._settings.tier or ("tiny" if self._settings.path == BUNDLED_MODEL else None),
+                tier=model_tier_for(self._settings),
                 tags=self._settings.tags,
             )
         ]
@@ -284,14 +274,7 @@ class LlamaCppEngine:
         cancelled: threading.Event,
     ) -> None:
         request = prepared.request
-        grammar = compile_grammar(prepared.grammar_text, prepared.grammar_is_schema)
-        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         matcher = ContinuationStopMatcher(prepared.stops, request.continuation)
-        vocab = llama._model.vocab
-        produced = 0
-        finish: FinishReason = "stop" if matcher.stopped else "length"
-        tool_text: list[str] = []
         if request.echo and request.prompt is not None and not request.continuation:
             emit(GenerationChunk(text=request.prompt))
         if prepared.max_new_tokens <= 0 or matcher.stopped:
@@ -299,8 +282,45 @@ class LlamaCppEngine:
             usage = Usage(
                 prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.continuation_tokens
             )
-            emit(GenerationChunk(finish_reason=finish, usage=usage))
+            emit(GenerationChunk(finish_reason="stop" if matcher.stopped else "length", usage=usage))
             return
+        tool_text: list[str] = []
+
+        def send(text: str) -> None:
+            if prepared.forced_tool is not None:
+                tool_text.append(text)
+            else:
+                emit(GenerationChunk(text=text))
+
+        if (ended := self._sample(llama, prepared, matcher, send, cancelled)) is None:
+            return  # the caller went away
+        finish, produced = ended
+        tail = matcher.flush()
+        usage = Usage(
+            prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.continuation_tokens + produced
+        )
+        if prepared.forced_tool is None:
+            emit(GenerationChunk(text=tail, finish_reason=finish, usage=usage))
+        else:
+            emit(end_tool_call(prepared.forced_tool, "".join(tool_text) + tail, finish, usage))
+
+    def _sample(
+        self,
+        llama: llama_cpp.Llama,
+        prepared: _Prepared,
+        matcher: ContinuationStopMatcher,
+        send: Callable[[str], None],
+        cancelled: threading.Event,
+    ) -> tuple[FinishReason, int] | None:
+        """Generate up to the budget, sending text once safe; how it ended and the tokens it made."""
+        request = prepared.request
+        grammar = compile_grammar(prepared.grammar_text, prepared.grammar_is_schema)
+        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        # Invalid bytes inside the text become U+FFFD; those of a character cut by the end (limit, stop
+        # or end of turn) stay pending in the decoder, which is never flushed: they are dropped.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llama._model.vocab
+        produced = 0
         for token in llama.generate(
             prepared.tokens,
             temp=request.temperature,
@@ -313,35 +333,18 @@ class LlamaCppEngine:
             grammar=grammar,
         ):
             if cancelled.is_set():
-                return
+                return None
             if llama_cpp.llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
+                return "stop", produced
             produced += 1
             text = matcher.feed(decoder.decode(llama.detokenize([token])))
             if text:
-                if prepared.forced_tool is not None:
-                    tool_text.append(text)
-                else:
-                    emit(GenerationChunk(text=text))
+                send(text)
             if matcher.stopped:
-                finish = "stop"
-                break
+                return "stop", produced
             if produced >= prepared.max_new_tokens:
-                break
-        tail = matcher.feed(decoder.decode(b"", final=True)) + matcher.flush()
-        usage = Usage(
-            prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.continuation_tokens + produced
-        )
-        if prepared.forced_tool is not None:
-            call = ToolCall(
-                id=f"call_{uuid.uuid4().hex[:24]}",
-                name=prepared.forced_tool,
-                arguments="".join(tool_text) + tail,
-            )
-            emit(GenerationChunk(tool_calls=(call,), finish_reason="tool_calls", usage=usage))
-        else:
-            emit(GenerationChunk(text=tail, finish_reason=finish, usage=usage))
+                return "length", produced
+        return "length", produced
 
     # -- embeddings -------------------------------------------------------------------------
 
@@ -367,8 +370,7 @@ class LlamaCppEngine:
                 count = len(embedder.tokenize(item.encode("utf-8"), add_bos=True, special=False))
             else:
                 token_ids = [int(token) for token in item]  # type: ignore[call-overload]
-                vocab_size = llama.n_vocab()
-                if any(token < 0 or token >= vocab_size for token in token_ids):
+                if any(not 0 <= token < llama.n_vocab() for token in token_ids):
                     raise InvalidRequestError(
                         f"input[{index}] has a token id outside the vocabulary", param="input"
                     )
@@ -379,6 +381,8 @@ class LlamaCppEngine:
                     f"input[{index}] has {count} tokens; this model embeds at most {limit} tokens per input.",
                     param="input",
                 )
+            if not text:  # token ids of special tokens only: nothing a model can embed
+                raise InvalidRequestError(f"input[{index}] holds no text to embed", param="input")
             counted += count
             texts.append(text)
         try:

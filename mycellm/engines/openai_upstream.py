@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import (
-    ContinuationStopMatcher,
-    EmbeddingRequest,
-    EmbeddingResult,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    ModelInfo,
-    ToolCall,
-    Usage,
-    resume_refused,
-)
+from mycellm.engines.continuation import ContinuationStopMatcher, resume_refused
+from mycellm.engines.upstream_stream import StreamState, parse_sse_line
 from mycellm.engines.upstream_wire import (
     ERROR_TEXT_MAX_CHARS,
     error_fields,
@@ -40,40 +29,20 @@ from mycellm.errors import (
     MycellmError,
     UpstreamError,
 )
+from mycellm.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+)
 
 logger = logging.getLogger(__name__)
 
 # A dead upstream should fail over fast, whatever the (long) read timeout for slow generations is.
 CONNECT_TIMEOUT_S = 10.0
-FINISH_REASONS: dict[str, FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "tool_calls": "tool_calls",
-    "function_call": "tool_calls",
-    "content_filter": "content_filter",
-}
 # Keys under which servers report a model's context window in /models (vLLM, OpenRouter, Groq).
 CONTEXT_KEYS = ("max_model_len", "context_length", "context_window")
-SSE_FIELDS = ("event:", "id:", "retry:")
-
-
-@dataclass
-class _ToolCallParts:
-    id: str = ""
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _StreamState:
-    """What a stream has said so far, beyond the text already yielded."""
-
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    characters: int = 0  # generated text and tool arguments, for estimating usage
-    deltas: int = 0
-    continuation_tokens: int = 0  # the estimated tokens of a resumed request's continuation
-    tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
 
 
 class OpenAIUpstreamEngine:
@@ -161,18 +130,15 @@ class OpenAIUpstreamEngine:
         # The upstream has no tokenizer to offer: the continuation's tokens are estimated.
         continuation_tokens = estimate_tokens(request.continuation)
         path, payload = generation_payload(request, self._upstream_model(request.model), continuation_tokens)
-        state = _StreamState(continuation_tokens=continuation_tokens)
+        state = StreamState(self._base_url, self._redact, continuation_tokens=continuation_tokens)
         # The upstream matches stop strings in its new text only; one that starts in the
         # continuation is matched here.
         matcher = (
             ContinuationStopMatcher(request.stop, request.continuation) if request.continuation else None
         )
-        if matcher is not None and matcher.stopped:
-            state.finish_reason = "stop"
-        elif request.max_tokens is not None and continuation_tokens >= request.max_tokens:
-            state.finish_reason = "length"
+        state.finish_reason = _continuation_finish(request, matcher, continuation_tokens)
         if state.finish_reason is not None:  # a continuation that already ends the answer
-            yield self._final_chunk(state, request)
+            yield state.final_chunk(request, self._warn_estimate)
             return
         try:
             response = await client.send(client.build_request("POST", path, json=payload), stream=True)
@@ -182,30 +148,9 @@ class OpenAIUpstreamEngine:
         # included, so the upstream sees the disconnect and stops generating.
         try:
             try:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise self._generation_status_error(response.status_code, response.text, request)
-                if response.headers.get("content-type", "").startswith("application/json"):
-                    # A server that ignored stream=true: take the whole answer as one event.
-                    await response.aread()
-                    text = self._absorb(state, parse_json(response.text, self._base_url), request)
-                    text = _matched(matcher, state, text)
-                    if text:
+                async with aclosing(self._response_texts(response, state, matcher, request)) as texts:
+                    async for text in texts:
                         yield GenerationChunk(text=text)
-                    state.finish_reason = state.finish_reason or "stop"
-                else:
-                    async for line in response.aiter_lines():
-                        event = self._parse_sse_line(line)
-                        if event is None:
-                            continue
-                        if isinstance(event, str):  # "[DONE]"
-                            state.finish_reason = state.finish_reason or "stop"
-                            break
-                        text = _matched(matcher, state, self._absorb(state, event, request))
-                        if text:
-                            yield GenerationChunk(text=text)
-                        if matcher is not None and matcher.stopped:
-                            break  # closing the response stops the upstream; usage is estimated
             except httpx.HTTPError as error:
                 raise self._transport_error(error) from error
             if matcher is not None and (text := matcher.flush()):
@@ -213,9 +158,41 @@ class OpenAIUpstreamEngine:
             # Closed before the last chunk, after which a caller may leave this generator open: an
             # upstream cut short by a stop found here must stop generating now.
             await response.aclose()
-            yield self._final_chunk(state, request)
+            yield state.final_chunk(request, self._warn_estimate)
         finally:
             await response.aclose()
+
+    async def _response_texts(
+        self,
+        response: httpx.Response,
+        state: StreamState,
+        matcher: ContinuationStopMatcher | None,
+        request: GenerationRequest,
+    ) -> AsyncGenerator[str, None]:
+        """The new texts of a generation's response, folded into the state; empty ones left out."""
+        if response.status_code >= 400:
+            await response.aread()
+            raise self._generation_status_error(response.status_code, response.text, request)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            # A server that ignored stream=true: take the whole answer as one event.
+            await response.aread()
+            text = _matched(matcher, state, state.absorb(parse_json(response.text, self._base_url), request))
+            if text:
+                yield text
+            state.finish_reason = state.finish_reason or "stop"
+            return
+        async for line in response.aiter_lines():
+            event = parse_sse_line(line, self._base_url)
+            if event is None:
+                continue
+            if isinstance(event, str):  # "[DONE]"
+                state.finish_reason = state.finish_reason or "stop"
+                break
+            text = _matched(matcher, state, state.absorb(event, request))
+            if text:
+                yield text
+            if matcher is not None and matcher.stopped:
+                break  # closing the response stops the upstream; usage is estimated
 
     def _generation_status_error(self, status: int, body: str, request: GenerationRequest) -> MycellmError:
         error = self._status_error(status, body, request.model)
@@ -224,113 +201,6 @@ class OpenAIUpstreamEngine:
             # (OpenAI itself rejects the fields that ask to continue the final assistant message).
             return resume_refused(f"upstream cannot resume a {request.kind} generation: {error.message}")
         return error
-
-    def _parse_sse_line(self, line: str) -> dict[str, Any] | str | None:
-        """One SSE line: None for lines without data, ``"[DONE]"``, or the decoded event."""
-        line = line.strip()
-        if not line or line.startswith(":") or line.startswith(SSE_FIELDS):
-            return None
-        if not line.startswith("data:"):
-            raise UpstreamError(f"upstream {self._base_url} sent a malformed event stream: {line[:80]!r}")
-        data = line[len("data:") :].strip()
-        if data == "[DONE]":
-            return data
-        return parse_json(data, self._base_url)
-
-    def _absorb(self, state: _StreamState, event: dict[str, Any], request: GenerationRequest) -> str:
-        """Fold one event (a stream chunk or a whole response) into the state; return its new text."""
-        if event.get("error"):
-            message, _, _ = error_fields(event)
-            raise UpstreamError(f"upstream {self._base_url} failed mid-generation: {self._redact(message)}")
-        if isinstance(event.get("usage"), dict):
-            state.usage = event["usage"]
-        choices = event.get("choices") or []
-        if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
-            raise UpstreamError(f"upstream {self._base_url} sent malformed choices")
-        texts: list[str] = []
-        for choice in choices:
-            if choice.get("index") not in (0, None):
-                continue  # we always ask for one choice
-            if choice.get("finish_reason"):
-                state.finish_reason = str(choice["finish_reason"])
-            if request.kind == "completion":
-                text = choice.get("text")
-                calls: list[Any] = []
-            else:
-                delta = choice.get("delta") or choice.get("message") or {}
-                text = delta.get("content") if isinstance(delta, dict) else None
-                calls = (delta.get("tool_calls") if isinstance(delta, dict) else None) or []
-            if isinstance(text, str) and text:
-                texts.append(text)
-                state.deltas += 1
-                state.characters += len(text)
-            for position, call in enumerate(calls):
-                self._absorb_tool_call(state, position, call)
-        return "".join(texts)
-
-    def _absorb_tool_call(self, state: _StreamState, position: int, call: Any) -> None:
-        # Streamed deltas carry an index; a whole (non-streamed) message lists calls in order.
-        index = call.get("index", position) if isinstance(call, dict) else None
-        function = (call.get("function") or {}) if isinstance(call, dict) else None
-        if not isinstance(index, int) or not isinstance(function, dict):
-            raise UpstreamError(f"upstream {self._base_url} sent a malformed tool call")
-        parts = state.tool_calls.setdefault(index, _ToolCallParts())
-        if call.get("id"):
-            parts.id = str(call["id"])
-        if function.get("name") and not parts.name:
-            parts.name = str(function["name"])
-        if function.get("arguments"):
-            arguments = function["arguments"]
-            parts.arguments.append(arguments if isinstance(arguments, str) else json.dumps(arguments))
-            state.deltas += 1
-            state.characters += len(parts.arguments[-1])
-
-    def _final_chunk(self, state: _StreamState, request: GenerationRequest) -> GenerationChunk:
-        if state.finish_reason is None:
-            raise UpstreamError(f"upstream {self._base_url} ended the stream before the generation finished")
-        calls: list[ToolCall] = []
-        for _, parts in sorted(state.tool_calls.items()):
-            if not parts.name:
-                raise UpstreamError(f"upstream {self._base_url} sent a tool call without a function name")
-            call_id = parts.id or f"call_{uuid.uuid4().hex[:24]}"
-            calls.append(ToolCall(id=call_id, name=parts.name, arguments="".join(parts.arguments)))
-        return GenerationChunk(
-            tool_calls=tuple(calls),
-            finish_reason=FINISH_REASONS.get(state.finish_reason, "stop"),
-            usage=self._usage(state, request),
-        )
-
-    def _usage(self, state: _StreamState, request: GenerationRequest) -> Usage:
-        """The upstream's usage; where it sends none (or a zero prompt count), an estimate.
-
-        The estimate is a quarter token per character of the prompt (the messages as JSON, whose
-        overhead stands in for the chat template) and of the output, and at least one token per
-        streamed delta. It is logged, because the ledger bills it.
-
-        A resumed request adds the continuation's estimated tokens to the completion. The prompt
-        count stays the upstream's, which includes the continuation (it was sent as prompt): the
-        continuation is counted twice, which is kept over subtracting an estimate from the
-        upstream's exact count, since that could undercount the prompt.
-        """
-        reported = state.usage or {}
-        prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
-        if request.messages is not None:
-            prompt_text = json.dumps([*request.messages, *(request.tools or ())], default=str)
-        else:
-            prompt_text = request.prompt or ""
-        if isinstance(prompt, int) and prompt >= 0 and (prompt > 0 or not prompt_text):
-            prompt_tokens = prompt
-        else:
-            prompt_tokens = estimate_tokens(prompt_text)
-            self._warn_estimate("prompt")
-        if isinstance(completion, int) and completion >= 0:
-            completion_tokens = completion
-        else:
-            completion_tokens = max(state.deltas, state.characters // 4)
-            self._warn_estimate("completion")
-        return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens + state.continuation_tokens
-        )
 
     def _warn_estimate(self, what: str) -> None:
         # Once at WARNING so the operator knows billing is estimated; then DEBUG to spare the log.
@@ -415,7 +285,18 @@ class OpenAIUpstreamEngine:
         return text.replace(self._api_key, "[redacted]") if self._api_key else text
 
 
-def _matched(matcher: ContinuationStopMatcher | None, state: _StreamState, text: str) -> str:
+def _continuation_finish(
+    request: GenerationRequest, matcher: ContinuationStopMatcher | None, continuation_tokens: int
+) -> str | None:
+    """Why a resumed request's continuation already ends the answer (a stop, the length), if it does."""
+    if matcher is not None and matcher.stopped:
+        return "stop"
+    if request.max_tokens is not None and continuation_tokens >= request.max_tokens:
+        return "length"
+    return None
+
+
+def _matched(matcher: ContinuationStopMatcher | None, state: StreamState, text: str) -> str:
     """New text through the stop matcher of a resumed request; a stop it finds ends the generation."""
     if matcher is None:
         return text

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mycellm.engines.base import GenerationRequest, resume_refused
+from mycellm.engines.continuation import resume_refused
 from mycellm.errors import UnsupportedParameterError, UpstreamError
+from mycellm.types import GenerationRequest
 
 ERROR_TEXT_MAX_CHARS = 500
 # Chat fields that make vLLM, SGLang and TGI continue a final assistant message instead of

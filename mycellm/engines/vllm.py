@@ -8,22 +8,11 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 from mycellm.config import ModelSettings
-from mycellm.engines.base import (
-    ContinuationStopMatcher,
-    EmbeddingRequest,
-    EmbeddingResult,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    ModelInfo,
-    Usage,
-    continuation_budget,
-    resume_refused,
-)
+from mycellm.engines.continuation import ContinuationStopMatcher, continuation_budget, resume_refused
+from mycellm.engines.names import model_name_for
 from mycellm.errors import (
     ContextLengthError,
     EngineError,
@@ -31,19 +20,20 @@ from mycellm.errors import (
     MycellmError,
     UnsupportedParameterError,
 )
+from mycellm.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    Usage,
+)
 
 logger = logging.getLogger(__name__)
 
 # Turns a JSON constraint ({"json_object": True} or {"json": schema}) into SamplingParams keywords.
 StructuredOutput = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def model_name_for(settings: ModelSettings) -> str:
-    """The configured name, else the directory name of a local model, else the Hugging Face id."""
-    if settings.name:
-        return settings.name
-    local = Path(settings.path).expanduser()
-    return local.name if local.exists() else settings.path
 
 
 class VllmEngine:
@@ -123,17 +113,10 @@ class VllmEngine:
             raise EngineError(f"model {self._name} is not loaded")
         engine = self._engine
         prompt_tokens, tokens, param = await asyncio.to_thread(self._tokenize, request)
-        limit = self.context_tokens
-        if prompt_tokens >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens, "
-                f"but the {param} has {prompt_tokens} tokens.",
-                param=param,
-            )
-        if request.continuation and json_constraint(request.response_format) is not None:
-            raise resume_refused("cannot resume a constrained generation")
+        self._check_prompt(request, prompt_tokens, param)
         continuation_tokens = max(0, len(tokens) - prompt_tokens)
-        max_new = continuation_budget(request.max_tokens, continuation_tokens, room=limit - len(tokens))
+        room = self.context_tokens - len(tokens)
+        max_new = continuation_budget(request.max_tokens, continuation_tokens, room=room)
         # vLLM matches stop strings in its new text only; one that starts in the continuation is
         # matched here.
         matcher = (
@@ -156,16 +139,7 @@ class VllmEngine:
                 yield GenerationChunk(text=request.prompt)
             async for output in outputs:
                 completion = output.outputs[0]
-                # vLLM's outputs are cumulative; stop strings are held back until they cannot match,
-                # so the text only grows.
-                text = completion.text
-                delta = ""
-                if len(text) > len(sent) and text.startswith(sent):
-                    delta, sent = text[len(sent) :], text
-                if matcher is not None:
-                    delta = matcher.feed(delta)
-                    if output.finished or matcher.stopped:
-                        delta += matcher.flush()
+                delta, sent = _new_text(completion.text, sent, matcher, output.finished)
                 if delta:
                     yield GenerationChunk(text=delta)
                 usage = Usage(
@@ -180,21 +154,35 @@ class VllmEngine:
                     return
                 if output.finished:
                     finished = True
-                    if completion.finish_reason == "abort":
-                        raise EngineError(f"vLLM aborted the generation of {self._name}")
-                    finish: FinishReason = "length" if completion.finish_reason == "length" else "stop"
-                    yield GenerationChunk(finish_reason=finish, usage=usage)
+                    yield self._finish_chunk(completion.finish_reason, usage)
                     return
             raise EngineError(f"vLLM ended the generation of {self._name} without finishing it")
         except MycellmError:
             raise
         except Exception as error:  # vLLM's types differ by version; translate them here, at the edge
-            if _is_client_error(error):
-                raise InvalidRequestError(f"vLLM rejected the request: {error}") from error
-            raise EngineError(f"vLLM generation failed: {error}") from error
+            raise _translated(error) from error
         finally:
             if not finished:
                 await self._abort(outputs, request_id)
+
+    def _check_prompt(self, request: GenerationRequest, prompt_tokens: int, param: str) -> None:
+        """Refuse a prompt that fills the context, and the resume of a constrained generation."""
+        limit = self.context_tokens
+        if prompt_tokens >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens, "
+                f"but the {param} has {prompt_tokens} tokens.",
+                param=param,
+            )
+        if request.continuation and json_constraint(request.response_format) is not None:
+            raise resume_refused("cannot resume a constrained generation")
+
+    def _finish_chunk(self, vllm_reason: str | None, usage: Usage) -> GenerationChunk:
+        """The last chunk of a generation vLLM finished; one it aborted is an error."""
+        if vllm_reason == "abort":
+            raise EngineError(f"vLLM aborted the generation of {self._name}")
+        finish: FinishReason = "length" if vllm_reason == "length" else "stop"
+        return GenerationChunk(finish_reason=finish, usage=usage)
 
     async def _abort(self, outputs: Any, request_id: str) -> None:
         """Free the request's GPU slot when the caller stopped reading before the end."""
@@ -289,6 +277,30 @@ def json_constraint(response_format: dict[str, Any] | None) -> dict[str, Any] | 
             )
         return {"json": schema}
     raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format.type")
+
+
+def _new_text(
+    text: str, sent: str, matcher: ContinuationStopMatcher | None, finished: bool
+) -> tuple[str, str]:
+    """What a cumulative output's text adds to the text sent so far, through a resumed request's
+    stop matcher; and the text sent so far after it."""
+    # vLLM's outputs are cumulative; stop strings are held back until they cannot match, so the
+    # text only grows.
+    delta = ""
+    if len(text) > len(sent) and text.startswith(sent):
+        delta, sent = text[len(sent) :], text
+    if matcher is not None:
+        delta = matcher.feed(delta)
+        if finished or matcher.stopped:
+            delta += matcher.flush()
+    return delta, sent
+
+
+def _translated(error: Exception) -> MycellmError:
+    """A vLLM error as the project's: the request's fault, or the engine's."""
+    if _is_client_error(error):
+        return InvalidRequestError(f"vLLM rejected the request: {error}")
+    return EngineError(f"vLLM generation failed: {error}")
 
 
 def _is_client_error(error: Exception) -> bool:

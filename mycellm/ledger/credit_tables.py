@@ -65,3 +65,28 @@ class PendingReceiptRow(Base):
     terms: Mapped[bytes] = mapped_column(LargeBinary)
     consumer_signature: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CreditGrantRow(Base):
+    """The one initial grant of a member: at most one per account and network (its primary key)."""
+
+    __tablename__ = "credit_grants"
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ParkedReceiptRow(Base):
+    """A heard receipt that would overdraw its consumer here: kept, not applied, until funded."""
+
+    __tablename__ = "parked_receipts"
+    __table_args__ = (Index("ix_parked_receipts_consumer", "network_id", "consumer_account"),)
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    consumer_account: Mapped[str] = mapped_column(String(64))
+    encoded: Mapped[bytes] = mapped_column(LargeBinary)
+    price: Mapped[int] = mapped_column(BigInteger)
+    parked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

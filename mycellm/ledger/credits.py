@@ -1,36 +1,45 @@
 """CreditBook: balances per account and network, changed only together with the receipt behind them.
 
-Every change is one database transaction: the receipt row, one journal entry per party and the
-balance updates commit together or not at all. A new member's initial grant is the only change
-without a receipt; it is journalled as issued by the network, so the sum of all balances always
-equals the sum of the grants.
+Every change is one database transaction: the receipt row, one journal entry per party and the balance
+updates commit together or not at all. A member's initial grant is the only change without a
+receipt; it is given once per account and network (a primary key), only to an account whose
+membership the caller has proven, and journalled as issued by the network, so the sum of all
+balances always equals the sum of the grants. No balance goes negative: a receipt heard from the
+network that its consumer cannot pay here is parked (``mycellm/ledger/parked.py``) and applied once
+receipts fund the consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from mycellm.errors import MycellmError, PaymentRequiredError, ReceiptError
-from mycellm.ledger.credit_tables import CreditAccountRow, CreditEntryRow, PendingReceiptRow, ReceiptRow
+from mycellm.ledger import parked
+from mycellm.ledger.credit_tables import (
+    CreditAccountRow,
+    CreditEntryRow,
+    CreditGrantRow,
+    PendingReceiptRow,
+    ReceiptRow,
+)
+from mycellm.ledger.journal import check_served, duplicate, entry_row, receipt_row
+from mycellm.ledger.pending import LedgerError, PendingOffers
 from mycellm.ledger.pricing import PriceTable, credits
-from mycellm.ledger.receipts import CheckedReceipt, Receipt, check_receipt
+from mycellm.ledger.receipts import CheckedReceipt, Receipt, check_receipt, check_time
 from mycellm.ledger.store import INSERTS
-from mycellm.ledger.tables import ServedRequestRow
+from mycellm.ledger.writes import Writes
+from mycellm.types import AccountId, NetworkId, RequestId
 
-
-class LedgerError(MycellmError):
-    status = 503
-    error_type = "server_error"
-    code = "ledger_unavailable"
+__all__ = ["CreditBook", "LedgerError", "Settlement", "unaffordable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,78 +47,107 @@ class Settlement:
     request_id: str
     price: int
     deltas: dict[str, int]
+    parked: bool = False  # heard, kept, not applied: its consumer cannot pay it here yet
+
+
+# A receipt that passed its checks: (its index in the batch, what was checked, its encoding).
+_Checked = tuple[int, CheckedReceipt, bytes]
+# Whose receipt: this node's own (a party to it), heard from the network, or parked here before.
+_Source = Literal["own", "heard", "parked"]
+
+
+@dataclass
+class _Applied:
+    outcomes: dict[int, Settlement | MycellmError] = field(default_factory=dict)
+    credited: set[str] = field(default_factory=set)  # accounts whose parked receipts may apply now
 
 
 PARALLEL_CHECK_MIN = 32
 CHECK_THREADS = max(1, min(4, os.cpu_count() or 1))
+UNPARK_ROUNDS = 64  # applying a parked receipt credits its seeder, whose own parked ones follow
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class CreditBook:
-    def __init__(self, engine: AsyncEngine, prices: PriceTable, network_id: str) -> None:
+def unaffordable(balance: int, price: int) -> PaymentRequiredError:
+    """The 402 of a balance (micro-credits) that does not cover a price."""
+    return PaymentRequiredError(
+        f"balance {credits(balance):.6f} credits does not cover the price {credits(price):.6f} credits",
+        param="balance",
+    )
+
+
+class CreditBook(PendingOffers):
+    """The credits of one network in one database; in this process, the CreditKeeper of settlement."""
+
+    def __init__(self, engine: AsyncEngine, prices: PriceTable, network_id: NetworkId) -> None:
         self._engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        writes = Writes(engine)  # every book of this engine queues its writers on SQLite's one lock
+        self._sessions, self._transaction = writes.sessions, writes.transaction
         self.prices = prices
         self.network_id = network_id
-        # SQLite has one writer at a time and fails a second one that waits to upgrade its lock;
-        # queueing writers here is what SQLite would do anyway, without the failures.
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncSession]:
-        async with contextlib.AsyncExitStack() as stack:
-            if self._write_lock is not None:
-                await stack.enter_async_context(self._write_lock)
-            session = await stack.enter_async_context(self._sessions.begin())
-            yield session
 
     # -- members --------------------------------------------------------------------------------
 
-    async def _ensure_member(self, session: AsyncSession, account_id: str) -> None:
-        """Open the account with the initial grant if it is new (inside the caller's transaction)."""
-        now, grant = _now(), self.prices.initial_grant
-        inserted = await session.execute(
+    async def _open_account(self, session: AsyncSession, account_id: str) -> None:
+        """Open the account at zero if it is new (inside the caller's transaction): no grant."""
+        await session.execute(
             INSERTS[self._engine.dialect.name](CreditAccountRow)
-            .values(network_id=self.network_id, account_id=account_id, balance=grant, created_at=now)
+            .values(network_id=self.network_id, account_id=account_id, balance=0, created_at=_now())
             .on_conflict_do_nothing(index_elements=["network_id", "account_id"])
         )
-        if inserted.rowcount == 1:  # type: ignore[attr-defined]
-            session.add(
-                CreditEntryRow(
-                    network_id=self.network_id,
-                    account_id=account_id,
-                    delta=grant,
-                    kind="grant",
-                    created_at=now,
-                )
-            )
 
-    async def join(self, account_id: str) -> int:
-        """Make ``account_id`` a member (granting it once); returns its balance."""
+    async def _grant(self, session: AsyncSession, account_id: AccountId) -> bool:
+        """Give the initial grant if this account never had it (inside the caller's transaction)."""
+        now, grant = _now(), self.prices.initial_grant
+        inserted = await session.execute(
+            INSERTS[self._engine.dialect.name](CreditGrantRow)
+            .values(network_id=self.network_id, account_id=account_id, amount=grant, created_at=now)
+            .on_conflict_do_nothing(index_elements=["network_id", "account_id"])
+        )
+        if inserted.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        await self._open_account(session, account_id)
+        await session.execute(
+            update(CreditAccountRow)
+            .where(CreditAccountRow.network_id == self.network_id, CreditAccountRow.account_id == account_id)
+            .values(balance=CreditAccountRow.balance + grant)
+        )
+        session.add(
+            CreditEntryRow(
+                network_id=self.network_id, account_id=account_id, delta=grant, kind="grant", created_at=now
+            )
+        )
+        return True
+
+    async def join(self, account_id: AccountId) -> int:
+        """Make ``account_id`` a member, granting it once; returns its balance.
+
+        Only for an account whose membership of this network is proven (a link the gate admitted
+        in it, this node's own account): an account only seen in receipts is never granted.
+        """
         try:
             async with self._transaction() as session:
-                await self._ensure_member(session, account_id)
+                granted = await self._grant(session, account_id)
         except SQLAlchemyError as error:
             raise LedgerError(f"cannot open account {account_id[:12]}: {error}") from error
+        if granted:
+            await self._unpark({account_id})
         return await self.balance(account_id)
 
-    async def balance(self, account_id: str) -> int:
-        """Micro-credits of ``account_id``; a member not seen yet would start with the grant."""
+    async def balance(self, account_id: AccountId) -> int:
+        """Micro-credits of ``account_id``; zero for an account not seen yet."""
         async with self._sessions() as session:
             row = await session.get(CreditAccountRow, (self.network_id, account_id))
-        return self.prices.initial_grant if row is None else row.balance
+        return 0 if row is None else row.balance
 
-    async def require_funds(self, account_id: str, price: int) -> None:
+    async def require_funds(self, account_id: AccountId, price: int) -> None:
         """PaymentRequiredError (402) with the balance and the price if ``account_id`` cannot pay."""
         balance = await self.balance(account_id)
         if balance < price:
-            raise PaymentRequiredError(
-                f"balance {credits(balance):.6f} credits does not cover the price {credits(price):.6f} credits",
-                param="balance",
-            )
+            raise unaffordable(balance, price)
 
     # -- settlement -------------------------------------------------------------------------------
 
@@ -119,17 +157,28 @@ class CreditBook:
         """Record a receipt and move the credits it justifies, all in one transaction.
 
         ``served_here``: this node is the seeder, so the receipt must match a request it served.
-        ``observed``: a receipt between two other parties, heard from the network. It is a fact both
-        parties signed, so it is recorded even where this node's view of the consumer's balance is
-        short (that view missed a receipt still on its way); its refusals are otherwise the same.
-        Refused with ReceiptError (nothing changes): forged or tampered signatures, mispriced
-        amounts, another network, a replay, a conflicting receipt for the same request, or a
-        request this node did not serve. PaymentRequiredError if the consumer cannot pay.
+        ``observed``: a receipt between two other parties, heard from the network. If this node's
+        view of the consumer's balance is short (a receipt still on its way, or parties colluding
+        to create credits) it is parked, not applied: the Settlement says ``parked``, and it applies
+        once receipts crediting the consumer arrive. Refused with ReceiptError (nothing changes):
+        forged or tampered signatures, mispriced amounts, another network, a time too far from now,
+        a replay, a conflicting receipt for the same request, or a request this node did not serve.
+        PaymentRequiredError if the consumer of this node's own receipt cannot pay.
         """
         (outcome,) = await self.settle_many([receipt], served_here=served_here, observed=observed)
         if isinstance(outcome, MycellmError):
             raise outcome
         return outcome
+
+    async def record_receipt(self, receipt: Receipt, *, observed: bool = False) -> bool:
+        """``settle``, but a replay (a retried exchange, gossip heard twice) answers False, not an error."""
+        try:
+            await self.settle(receipt, observed=observed)
+        except ReceiptError as error:
+            if error.code == "receipt_replayed":
+                return False
+            raise
+        return True
 
     async def settle_many(
         self, receipts: Sequence[Receipt], *, served_here: bool = False, observed: bool = False
@@ -137,40 +186,63 @@ class CreditBook:
         """Settle receipts in one transaction, in order; each is accepted or refused on its own.
 
         A refused receipt changes nothing; the accepted ones commit together with their balance
-        changes (one commit for the batch is what makes settling fast).
+        changes (one commit for the batch is what makes settling fast). Right after, the parked
+        receipts of every account they credited are tried again.
         """
         outcomes: list[Settlement | MycellmError | None] = [None] * len(receipts)
-        checked: list[tuple[int, CheckedReceipt, bytes]] = []
+        checked: list[_Checked] = []
         indexed = list(enumerate(receipts))
         if len(indexed) < PARALLEL_CHECK_MIN:
-            results = self._check(indexed)
+            results = self._check(indexed, observed)
         else:
             # Ed25519 verification releases the GIL: the cores check a large batch in parallel.
             parts = [indexed[start::CHECK_THREADS] for start in range(CHECK_THREADS)]
-            done = await asyncio.gather(*(asyncio.to_thread(self._check, part) for part in parts))
+            done = await asyncio.gather(*(asyncio.to_thread(self._check, part, observed) for part in parts))
             results = [result for part in done for result in part]
         for index, result in sorted(results, key=lambda pair: pair[0]):
             if isinstance(result, ReceiptError):
                 outcomes[index] = result
             else:
                 checked.append((index, *result))
+        applied = await self._commit(checked, served_here, "heard" if observed else "own")
+        for index, outcome in applied.outcomes.items():
+            outcomes[index] = outcome
+        await self._unpark(applied.credited)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _commit(self, checked: list[_Checked], served_here: bool, source: _Source) -> _Applied:
         for attempt in range(2):
             try:
                 async with self._transaction() as session:
-                    settled = await self._apply(session, checked, served_here, observed)
-                break
+                    return await self._apply(session, checked, served_here, source)
             except IntegrityError:  # a receipt of the batch was settled concurrently: look again
                 if attempt:
                     raise LedgerError("receipts keep conflicting with concurrent settlements") from None
             except SQLAlchemyError as error:
                 raise LedgerError(f"cannot settle receipts: {error}") from error
-        for index, outcome in settled.items():
-            outcomes[index] = outcome
-        return [outcome for outcome in outcomes if outcome is not None]
+        raise AssertionError("unreachable")
+
+    async def _unpark(self, credited: Iterable[str]) -> None:
+        """Apply the parked receipts that the credits of ``credited`` pay for now, oldest first."""
+        accounts = set(credited)
+        for _ in range(UNPARK_ROUNDS):
+            if not accounts:
+                return
+            async with self._sessions() as session:
+                encodings = await parked.parked_of(session, self.network_id, sorted(accounts))
+            if not encodings:
+                return
+            receipts = [(index, Receipt.from_bytes(encoded)) for index, encoded in enumerate(encodings)]
+            checked = [
+                (index, *result) for index, result in self._check(receipts, None) if isinstance(result, tuple)
+            ]
+            applied = await self._commit(checked, False, "parked")
+            accounts = applied.credited
 
     def _check(
-        self, indexed: list[tuple[int, Receipt]]
+        self, indexed: list[tuple[int, Receipt]], observed: bool | None
     ) -> list[tuple[int, tuple[CheckedReceipt, bytes] | ReceiptError]]:
+        """Signatures, amounts, network, and (``observed`` not None: a receipt arriving now) its time."""
         results: list[tuple[int, tuple[CheckedReceipt, bytes] | ReceiptError]] = []
         for index, receipt in indexed:
             try:
@@ -179,206 +251,131 @@ class CreditBook:
                     raise ReceiptError(
                         f"receipt is for network {item.terms.network_id!r}, not {self.network_id!r}"
                     )
+                if observed is not None:
+                    check_time(item.terms, heard=observed)
                 results.append((index, (item, receipt.to_bytes())))
             except ReceiptError as error:
                 results.append((index, error))
         return results
 
     async def _apply(
-        self,
-        session: AsyncSession,
-        checked: list[tuple[int, CheckedReceipt, bytes]],
-        served_here: bool,
-        observed: bool = False,
-    ) -> dict[int, Settlement | MycellmError]:
-        outcomes: dict[int, Settlement | MycellmError] = {}
-        request_ids = [item.request_id for _, item, _ in checked]
-        existing = dict(
-            (
-                await session.execute(
-                    select(ReceiptRow.request_id, ReceiptRow.encoded).where(
-                        ReceiptRow.network_id == self.network_id, ReceiptRow.request_id.in_(request_ids)
-                    )
-                )
-            ).all()
-        )
-        admissible: list[tuple[int, CheckedReceipt, bytes]] = []
-        for index, item, encoded in checked:
-            try:
-                if item.request_id in existing:
-                    raise self._duplicate(existing[item.request_id], encoded, item.request_id)
-                if served_here:
-                    await self._check_served(session, item)
-            except MycellmError as error:
-                outcomes[index] = error
-                continue
-            existing[item.request_id] = encoded  # a second copy later in the batch is a replay
-            admissible.append((index, item, encoded))
-        parties = sorted({account for _, item, _ in admissible for account in item.deltas()})
-        for account in parties:  # one lock order for every transaction: no deadlocks
-            await self._ensure_member(session, account)
-        balances = dict(
-            (
-                await session.execute(
-                    select(CreditAccountRow.account_id, CreditAccountRow.balance)
-                    .where(
-                        CreditAccountRow.network_id == self.network_id,
-                        CreditAccountRow.account_id.in_(parties),
-                    )
-                    .order_by(CreditAccountRow.account_id)
-                    .with_for_update()
-                )
-            ).all()
-        )
+        self, session: AsyncSession, checked: list[_Checked], served_here: bool, source: _Source
+    ) -> _Applied:
+        applied = _Applied()
+        outcomes = applied.outcomes
+        admissible = await self._admissible(session, checked, served_here, source, outcomes)
+        balances = await self._locked_balances(session, admissible)
         net: dict[str, int] = {}
         entries: list[dict[str, object]] = []
         rows: list[dict[str, object]] = []
         now = _now()
         for index, item, encoded in admissible:
             terms, consumer = item.terms, item.consumer.account_id
-            if balances[consumer] < terms.price and not observed:
-                outcomes[index] = PaymentRequiredError(
-                    f"balance {credits(balances[consumer]):.6f} credits does not cover the price "
-                    f"{credits(terms.price):.6f} credits",
-                    param="balance",
-                )
-                continue
+            if balances[consumer] < terms.price:
+                if source == "own":
+                    outcomes[index] = unaffordable(balances[consumer], terms.price)
+                elif source == "heard":
+                    try:
+                        await parked.park(session, self.network_id, item, encoded, now)
+                        outcomes[index] = Settlement(terms.request_id, terms.price, {}, parked=True)
+                    except ReceiptError as error:
+                        outcomes[index] = error
+                continue  # a parked receipt still short stays parked
             deltas = item.deltas()
             for account, delta in deltas.items():
                 balances[account] += delta
                 net[account] = net.get(account, 0) + delta
-                entries.append(self._entry(item, account, delta, now))
-            rows.append(self._receipt_row(item, encoded, now))
+                entries.append(entry_row(self.network_id, item, account, delta, now))
+            rows.append(receipt_row(self.network_id, item, encoded, now))
             outcomes[index] = Settlement(request_id=terms.request_id, price=terms.price, deltas=deltas)
         # Core executemany inserts: the ORM's unit of work costs more than the signatures.
         if rows:
+            settled = [str(row["request_id"]) for row in rows]
             connection = await session.connection()
             await connection.execute(insert(ReceiptRow), rows)
             await connection.execute(insert(CreditEntryRow), entries)
-            # A receipt this node was waiting for is no longer pending: same transaction.
+            # A receipt this node was waiting for, or had parked, is neither any more: same transaction.
             await connection.execute(
                 delete(PendingReceiptRow).where(
-                    PendingReceiptRow.network_id == self.network_id,
-                    PendingReceiptRow.request_id.in_([row["request_id"] for row in rows]),
+                    PendingReceiptRow.network_id == self.network_id, PendingReceiptRow.request_id.in_(settled)
                 )
             )
+            await parked.unpark(session, self.network_id, settled)
         for account in sorted(net):
             await session.execute(
                 update(CreditAccountRow)
                 .where(CreditAccountRow.network_id == self.network_id, CreditAccountRow.account_id == account)
                 .values(balance=CreditAccountRow.balance + net[account])
             )
-        return outcomes
+        applied.credited = {account for account, delta in net.items() if delta > 0}
+        return applied
 
-    @staticmethod
-    def _duplicate(existing: bytes, encoded: bytes, request_id: str) -> ReceiptError:
-        if existing == encoded:
-            return ReceiptError(f"receipt {request_id} is already settled", code="receipt_replayed")
-        return ReceiptError(
-            f"another receipt is already settled for request {request_id}", code="receipt_conflict"
+    async def _admissible(
+        self,
+        session: AsyncSession,
+        checked: list[_Checked],
+        served_here: bool,
+        source: _Source,
+        outcomes: dict[int, Settlement | MycellmError],
+    ) -> list[_Checked]:
+        """The receipts not settled before (nor earlier in the batch); the refusals go to ``outcomes``.
+
+        A receipt parked here is heard again as a replay; as this node's own receipt, or when its
+        consumer is credited, it is tried again."""
+        request_ids = [item.request_id for _, item, _ in checked]
+        found = await session.execute(
+            select(ReceiptRow.request_id, ReceiptRow.encoded).where(
+                ReceiptRow.network_id == self.network_id, ReceiptRow.request_id.in_(request_ids)
+            )
         )
+        existing = dict(found.all())
+        waiting = await parked.parked_encodings(session, self.network_id, request_ids)
+        admissible: list[_Checked] = []
+        for index, item, encoded in checked:
+            try:
+                if item.request_id in existing:
+                    raise duplicate(existing[item.request_id], encoded, item.request_id)
+                if item.request_id in waiting and (source == "heard" or waiting[item.request_id] != encoded):
+                    raise duplicate(waiting[item.request_id], encoded, item.request_id)
+                if served_here:
+                    await check_served(session, item)
+            except MycellmError as error:
+                outcomes[index] = error
+                continue
+            existing[item.request_id] = encoded  # a second copy later in the batch is a replay
+            admissible.append((index, item, encoded))
+        return admissible
 
-    async def _check_served(self, session: AsyncSession, checked: CheckedReceipt) -> None:
-        terms = checked.terms
-        served = await session.get(ServedRequestRow, terms.request_id)
-        if served is None or served.outcome != "ok":
-            raise ReceiptError(
-                f"this node did not serve request {terms.request_id}", code="receipt_unjustified"
-            )
-        if (served.model, served.prompt_tokens, served.completion_tokens) != (
-            terms.model,
-            terms.prompt_tokens,
-            terms.completion_tokens,
-        ):
-            raise ReceiptError(
-                f"receipt {terms.request_id} claims {terms.model} {terms.prompt_tokens}+{terms.completion_tokens} "
-                f"tokens; this node served {served.model} {served.prompt_tokens}+{served.completion_tokens}",
-                code="receipt_unjustified",
-            )
-
-    def _entry(self, checked: CheckedReceipt, account: str, delta: int, now: datetime) -> dict[str, object]:
-        consumer, seeder = checked.consumer.account_id, checked.seeder.account_id
-        kind = "spend" if account == consumer else "earn" if account == seeder else "relay"
-        return {
-            "network_id": self.network_id,
-            "account_id": account,
-            "delta": delta,
-            "kind": kind,
-            "request_id": checked.request_id,
-            "created_at": now,
-        }
-
-    def _receipt_row(self, checked: CheckedReceipt, encoded: bytes, now: datetime) -> dict[str, object]:
-        terms = checked.terms
-        return {
-            "network_id": self.network_id,
-            "request_id": terms.request_id,
-            "encoded": encoded,
-            "consumer_account": checked.consumer.account_id,
-            "seeder_account": checked.seeder.account_id,
-            "model": terms.model,
-            "prompt_tokens": terms.prompt_tokens,
-            "completion_tokens": terms.completion_tokens,
-            "price": terms.price,
-            "finished_at": datetime.fromtimestamp(terms.finished_at_ms / 1000, UTC),
-            "recorded_at": now,
-        }
-
-    # -- receipts this node waits for -----------------------------------------------------------
-
-    async def remember_offer(self, request_id: str, peer_id: str, terms: bytes, signature: bytes) -> None:
-        """Keep signed terms until their receipt is settled (a restart retries them)."""
-        row = PendingReceiptRow(
-            network_id=self.network_id,
-            request_id=request_id,
-            peer_id=peer_id,
-            terms=terms,
-            consumer_signature=signature,
-            created_at=_now(),
+    async def _locked_balances(self, session: AsyncSession, admissible: list[_Checked]) -> dict[str, int]:
+        """The balances of every party, locked for this transaction (new accounts opened at zero)."""
+        parties = sorted({account for _, item, _ in admissible for account in item.deltas()})
+        for account in parties:  # one lock order for every transaction: no deadlocks
+            await self._open_account(session, account)
+        rows = await session.execute(
+            select(CreditAccountRow.account_id, CreditAccountRow.balance)
+            .where(CreditAccountRow.network_id == self.network_id, CreditAccountRow.account_id.in_(parties))
+            .order_by(CreditAccountRow.account_id)
+            .with_for_update()
         )
-        try:
-            async with self._transaction() as session:
-                if await session.get(PendingReceiptRow, (self.network_id, request_id)) is None:
-                    session.add(row)
-        except SQLAlchemyError as error:
-            raise LedgerError(f"cannot keep the terms of {request_id}: {error}") from error
+        return dict(rows.all())
 
-    async def pending_offers(self, peer_id: str) -> list[tuple[str, bytes, bytes]]:
-        """(request id, terms, consumer signature) of receipts still owed by ``peer_id``."""
-        async with self._sessions() as session:
-            rows = await session.scalars(
-                select(PendingReceiptRow).where(
-                    PendingReceiptRow.network_id == self.network_id, PendingReceiptRow.peer_id == peer_id
-                )
-            )
-            return [(row.request_id, row.terms, row.consumer_signature) for row in rows]
-
-    async def forget_offer(self, request_id: str) -> None:
-        async with self._transaction() as session:
-            await session.execute(
-                delete(PendingReceiptRow).where(
-                    PendingReceiptRow.network_id == self.network_id,
-                    PendingReceiptRow.request_id == request_id,
-                )
-            )
-
-    async def receipt(self, request_id: str) -> bytes | None:
+    async def receipt(self, request_id: RequestId) -> bytes | None:
         """The settled receipt of ``request_id`` (canonical CBOR), if there is one."""
         async with self._sessions() as session:
             row = await session.get(ReceiptRow, (self.network_id, request_id))
             return None if row is None else row.encoded
 
-    # -- reading ----------------------------------------------------------------------------------
-
-    async def is_settled(self, request_id: str) -> bool:
+    async def is_settled(self, request_id: RequestId) -> bool:
         async with self._sessions() as session:
             return await session.get(ReceiptRow, (self.network_id, request_id)) is not None
 
-    async def balances(self) -> dict[str, int]:
+    async def parked(self) -> list[str]:
+        """The request ids of the receipts parked here, unfunded."""
         async with self._sessions() as session:
-            rows = await session.execute(
-                select(CreditAccountRow.account_id, CreditAccountRow.balance).where(
-                    CreditAccountRow.network_id == self.network_id
-                )
-            )
+            return await parked.parked_ids(session, self.network_id)
+
+    async def balances(self) -> dict[str, int]:
+        query = select(CreditAccountRow.account_id, CreditAccountRow.balance)
+        async with self._sessions() as session:
+            rows = await session.execute(query.where(CreditAccountRow.network_id == self.network_id))
             return {account: balance for account, balance in rows}

@@ -8,31 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from mycellm.config import PriceSettings
 
 MICRO = 1_000_000
-
-# Credits per 1,000 tokens by tier; prompt tokens cost a quarter of completion tokens (they are
-# processed in parallel, completion tokens one at a time).
-DEFAULT_TIER_PRICES: dict[str, float] = {"tiny": 0.02, "fast": 0.1, "capable": 0.5, "frontier": 2.0}
-
-
-class PriceSettings(BaseModel):
-    """The price table in config (``credits:`` section); every node of a network must agree on it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    tier_prices: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TIER_PRICES))
-    unknown_tier_price: float = Field(default=0.1, ge=0)
-    model_prices: dict[str, float] = Field(default_factory=dict)  # per-model override, credits / 1k tokens
-    prompt_weight: float = Field(default=0.25, ge=0, le=1)
-    relay_fee: float = Field(default=0.10, ge=0, lt=0.5)
-    initial_grant: float = Field(default=100.0, ge=0)
-    # Reputation and the freeloader policy: a peer that has consumed more than grace_credits from
-    # this node, and more than max_consume_ratio times what it served this node, is refused.
-    reputation_half_life_s: float = Field(default=7 * 86400, gt=0)
-    grace_credits: float = Field(default=10.0, ge=0)
-    max_consume_ratio: float = Field(default=4.0, gt=0)
 
 
 class PriceTable:

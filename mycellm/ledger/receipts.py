@@ -17,12 +17,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
 from mycellm.errors import IdentityError, ReceiptError
-from mycellm.identity import CERTIFICATE_MAX_BYTES, CanonicalModel, DeviceCertificate, NodeIdentity
+from mycellm.identity.canonical import CanonicalModel
+from mycellm.identity.certificates import CERTIFICATE_MAX_BYTES, DeviceCertificate
+from mycellm.identity.keys import NodeIdentity
 from mycellm.ledger.pricing import PriceTable
 
 RECEIPT_VERSION = 1
 RECEIPT_MAX_BYTES = 32768
 MAX_RELAYS = 8
+RECEIPT_FUTURE_S = 600  # a receipt may finish at most this far ahead of this node's clock
+HEARD_RECEIPT_AGE_S = 7 * 86400  # a receipt heard from the network may be at most this old
 
 CertificateBytes = Annotated[bytes, Field(min_length=1, max_length=CERTIFICATE_MAX_BYTES)]
 Signature = Annotated[bytes, Field(min_length=64, max_length=64)]
@@ -184,7 +188,9 @@ def _certificate(data: bytes, party: str, terms: ReceiptTerms) -> DeviceCertific
         # Valid when the request was served; a later expiry does not undo a settled receipt.
         certificate.verify(now=terms.finished_at_ms / 1000, signature_checked=True)
     except IdentityError as error:
-        raise ReceiptError(f"{party} certificate: {error.message}") from error
+        raise ReceiptError(
+            f"{party} certificate: {error.message}", code="receipt_certificate_invalid"
+        ) from error
     return certificate
 
 
@@ -195,6 +201,21 @@ def _verify(certificate: DeviceCertificate, signature: bytes, payload: bytes, pa
         raise ReceiptError(
             f"the {party} signature is not by the {party}'s device key", code="receipt_forged"
         ) from error
+
+
+def check_time(terms: ReceiptTerms, *, heard: bool, now: float | None = None) -> None:
+    """ReceiptError if ``terms`` finish too far from ``now``: ahead of it, or long ago for a heard one."""
+    now = time.time() if now is None else now
+    finished = terms.finished_at_ms / 1000
+    if finished > now + RECEIPT_FUTURE_S:
+        raise ReceiptError(
+            f"receipt {terms.request_id} finishes {finished - now:.0f} s in the future", code="receipt_future"
+        )
+    if heard and finished < now - HEARD_RECEIPT_AGE_S:
+        raise ReceiptError(
+            f"receipt {terms.request_id} finished {(now - finished) / 86400:.1f} days ago, too long to be heard now",
+            code="receipt_stale",
+        )
 
 
 def check_receipt(receipt: Receipt, prices: PriceTable) -> CheckedReceipt:

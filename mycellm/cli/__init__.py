@@ -1,0 +1,1 @@
+"""The ``mycellm`` command line."""

@@ -1,0 +1,1 @@
+"""Networks: their identity and signed description, memberships, invites and member revocations."""

@@ -1,0 +1,1 @@
+"""Who a node is: account and device keys, certificates, devices and their revocation."""

@@ -1,0 +1,1 @@
+"""Links between nodes: wire messages, QUIC, sessions, the peer registry, forwarding, payment."""

@@ -1,0 +1,208 @@
+"""Our requests to peers: each sent on its own stream, its answer streamed back, cancellable, paid for."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mycellm.config import NodeSettings
+from mycellm.engines.streams import ChunkBuffer, StreamTable
+from mycellm.errors import MycellmError, PeerError, ProtocolError
+from mycellm.network.messages import (
+    CancelMessage,
+    ChunkMessage,
+    DoneMessage,
+    EmbeddingMessage,
+    EmbedMessage,
+    ErrorMessage,
+    InferenceMessage,
+    WireMessage,
+    error_from_message,
+)
+from mycellm.network.registry import PeerRegistry
+from mycellm.network.session import Session
+from mycellm.network.stalls import StallClock, probe
+from mycellm.types import (
+    CompletionResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    NetworkId,
+    PeerId,
+    RequestId,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from mycellm.network.quic import FrameStream
+    from mycellm.network.settlement import NetworkTerms
+
+
+logger = logging.getLogger(__name__)
+
+
+class Forwarder:
+    """Sends this node's requests to peers and keeps their answers as streams to pull from.
+
+    ``session_of`` names the routed session of a connected peer in a request's network (PeerError
+    if there is none); ``registry`` counts each answer for or against the peer; ``terms_of`` gives,
+    for a network, how it prices a model (the network's tier for it, not the peer's claim) and its
+    settler, if any, which admits a request before it leaves and pays for it after the answer.
+    """
+
+    def __init__(
+        self,
+        session_of: Callable[[PeerId, NetworkId | None], Session],
+        registry: PeerRegistry,
+        settings: NodeSettings,
+        terms_of: Callable[[NetworkId | None], NetworkTerms],
+    ) -> None:
+        self._session_of = session_of
+        self._registry = registry
+        self._terms_of = terms_of
+        self._outbound = StreamTable(settings.stream_interval_s)
+        self._stall_floor_s = settings.stall_floor_s  # the least silence that probes the peer
+
+    async def open(self, peer_id: PeerId, request: GenerationRequest, wait_s: float) -> GenerationChunk:
+        """Send ``request`` to ``peer_id``; returns its first chunk (errors before output raise)."""
+        await self._send(peer_id, request)
+        chunk = await self._outbound.take(request.request_id, wait_s, first=True)
+        assert chunk is not None
+        return chunk
+
+    async def pull(self, request_id: RequestId, wait_s: float) -> GenerationChunk | None:
+        return await self._outbound.take(request_id, wait_s)
+
+    async def cancel(self, request_id: RequestId) -> bool:
+        return await self._outbound.cancel(request_id)
+
+    async def complete(self, peer_id: PeerId, request: GenerationRequest) -> CompletionResult:
+        await self._send(peer_id, request)
+        return await self._outbound.collect(request.request_id)
+
+    async def _send(self, peer_id: PeerId, request: GenerationRequest) -> None:
+        """Admit (402 if this node cannot pay), send, and start reading the answer into a stream."""
+        terms = self._terms_of(request.network_id)
+        request = request.model_copy(update={"network_id": terms.network_id})  # the peer must know
+        session = self._session_of(peer_id, terms.network_id)
+        claimed = next((info for info in session.hello.models if info.name == request.model), None)
+        if claimed is None:
+            raise PeerError(f"peer {peer_id[:12]} does not serve {request.model}")
+        model, settler = terms.priced(claimed), terms.settler
+        if settler is not None:
+            request = await settler.admit(request, model)
+        started_ms = int(time.time() * 1000)
+        stream = session.link.open_stream()
+        stream.send(InferenceMessage(request=request))
+        request_id = RequestId(request.request_id)
+
+        async def receive(buffer: ChunkBuffer) -> None:
+            usage = await self._receive(session, stream, buffer)
+            if settler is not None and usage is not None:
+                settler.pay_later(session.link, request_id, model, usage, started_ms)
+
+        self._outbound.start(request_id, receive)
+
+    async def embed(self, peer_id: PeerId, request: EmbeddingRequest, timeout_s: float) -> EmbeddingResult:
+        network_id = self._terms_of(request.network_id).network_id
+        request = request.model_copy(update={"network_id": network_id})
+        stream = self._session_of(peer_id, network_id).link.open_stream()
+        try:
+            stream.send(EmbedMessage(request=request))
+            reply = await stream.receive(timeout_s)
+            match reply:
+                case EmbeddingMessage():
+                    self._registry.outcome(peer_id, True)
+                    return EmbeddingResult(vectors=reply.vectors, prompt_tokens=reply.prompt_tokens)
+                case ErrorMessage():
+                    error = error_from_message(reply, peer_id)
+                case _:
+                    error = PeerError(
+                        f"peer {peer_id[:12]} answered an embedding with {type(reply).__name__}"
+                    )
+            self._registry.outcome(peer_id, not isinstance(error, PeerError))
+            raise error
+        finally:
+            stream.end()
+
+    async def _receive(self, session: Session, stream: FrameStream, buffer: ChunkBuffer) -> Usage | None:
+        """Read an answer into ``buffer``: chunks, then a done (its usage returned) or an error.
+
+        A peer that falls silent for longer than its stream's pace allows is probed; one that does
+        not answer the probe fails the answer at once (``stalls``), not at the next heartbeats."""
+        peer_id, clock = session.peer_id, StallClock(self._stall_floor_s)
+        try:
+            while True:
+                message = await self._next_frame(session, stream, clock)
+                match message:
+                    case ChunkMessage():
+                        buffer.put(GenerationChunk(text=message.text, tool_calls=message.tool_calls))
+                    case DoneMessage():
+                        return self._on_done(peer_id, stream, buffer, message)
+                    case ErrorMessage():
+                        raise self._on_error(peer_id, stream, message)
+                    case None:
+                        raise PeerError(f"peer {peer_id[:12]} ended the stream without an answer")
+                    case _:
+                        raise PeerError(f"peer {peer_id[:12]} sent {message.kind} inside an answer")
+        except PeerError:
+            self._registry.outcome(peer_id, False)
+            stream.reset()
+            raise
+        except ProtocolError as error:
+            self._registry.outcome(peer_id, False)
+            stream.reset()
+            raise PeerError(f"peer {peer_id[:12]} broke the protocol: {error.message}") from error
+        except asyncio.CancelledError:
+            with contextlib.suppress(MycellmError):
+                stream.send(CancelMessage(reason="cancelled by the requester"), end=True)
+            raise
+
+    async def _next_frame(
+        self, session: Session, stream: FrameStream, clock: StallClock
+    ) -> WireMessage | None:
+        while True:
+            timeout_s = clock.timeout_s()
+            try:
+                message = await asyncio.wait_for(stream.receive(), timeout_s)
+            except TimeoutError:
+                record = self._registry.get(session.peer_id)
+                rtt_ms = record.rtt_ms if record is not None else None
+                if await probe(session, clock.last, rtt_ms, late_s=clock.silent_for() - timeout_s):
+                    continue  # alive: still working (a long prompt, a slow machine)
+                silent_s = clock.silent_for()
+                raise PeerError(
+                    f"peer {session.peer_id[:12]} stalled: nothing for {silent_s:.1f} s, and no answer to a probe"
+                ) from None
+            session.heard()  # a sign of life for the peer's other answers too (before: see probe)
+            clock.heard()
+            return message
+
+    def _on_done(self, peer_id: PeerId, stream: FrameStream, buffer: ChunkBuffer, done: DoneMessage) -> Usage:
+        buffer.put(
+            GenerationChunk(
+                text=done.text, tool_calls=done.tool_calls, finish_reason=done.finish_reason, usage=done.usage
+            )
+        )
+        self._registry.outcome(peer_id, True)
+        stream.end()
+        return done.usage
+
+    def _on_error(self, peer_id: PeerId, stream: FrameStream, message: ErrorMessage) -> MycellmError:
+        """The error to raise for the peer's error frame (a PeerError is counted by the caller)."""
+        error = error_from_message(message, peer_id)
+        if not isinstance(error, PeerError):  # the request's fault, not the peer's
+            self._registry.outcome(peer_id, True)
+        stream.end()
+        return error
+
+    async def reap(self, idle_timeout_s: float) -> None:
+        await self._outbound.reap(idle_timeout_s)
+
+    async def close(self) -> None:
+        await self._outbound.cancel_all()

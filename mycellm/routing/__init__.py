@@ -1,0 +1,1 @@
+"""Which route answers a request: ranking of local, peer (and later chain and fleet) routes."""

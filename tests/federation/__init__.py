@@ -1,0 +1,1 @@
+"""Tests of the signed values of networks (mycellm/federation)."""
