@@ -14,6 +14,9 @@ from mycellm.ledger.credits import CreditBook
 from mycellm.ledger.pricing import PriceTable, credits
 from mycellm.ledger.receipts import Receipt
 from mycellm.ledger.records import RequestTotals, ServedRequestRecord
+from mycellm.ledger.served import ServedRecord
+from mycellm.ledger.spend_book import Proof, SpendView
+from mycellm.ledger.spends import Kind
 from mycellm.ledger.store import Store
 from mycellm.types import AccountId, NetworkId, PeerId, RequestId
 
@@ -111,6 +114,50 @@ class Ledger(ApiKeyCalls):
         self, account_id: AccountId, price: int, *, network_id: NetworkId | None = None
     ) -> None:
         await self._credits(network_id).require_funds(account_id, price)
+
+    # -- spend chains -----------------------------------------------------------------------------
+
+    async def note_spends(self, statements: list[bytes], *, network_id: NetworkId | None = None) -> list[str]:
+        return await self._credits(network_id).note_spends(statements)
+
+    async def spend_view(
+        self, account_id: AccountId, seq: int, held_before: int, *, network_id: NetworkId | None = None
+    ) -> SpendView:
+        return await self._credits(network_id).spend_view(account_id, seq, held_before)
+
+    async def spend_head(
+        self, account_id: AccountId, *, network_id: NetworkId | None = None
+    ) -> tuple[int, int]:
+        return await self._credits(network_id).spend_head(account_id)
+
+    async def open_holds(
+        self, account_id: AccountId, *, network_id: NetworkId | None = None
+    ) -> list[tuple[int, str, int]]:
+        return await self._credits(network_id).open_holds(account_id)
+
+    async def recent_ends(
+        self, account_id: AccountId, limit: int, *, network_id: NetworkId | None = None
+    ) -> list[tuple[Kind, bytes]]:
+        return await self._credits(network_id).recent_ends(account_id, limit)
+
+    async def remember_served(self, record: ServedRecord, *, network_id: NetworkId | None = None) -> None:
+        await self._credits(network_id).remember_served(record)
+
+    async def served_record(
+        self, request_id: RequestId, *, network_id: NetworkId | None = None
+    ) -> ServedRecord | None:
+        return await self._credits(network_id).served_record(request_id)
+
+    async def take_proofs(self, *, network_id: NetworkId | None = None) -> list[Proof]:
+        return await self._credits(network_id).take_proofs()
+
+    async def record_fraud(self, proof: Proof, *, network_id: NetworkId | None = None) -> bool:
+        return await self._credits(network_id).record_fraud(proof)
+
+    async def fraud_proof(
+        self, account_id: AccountId, *, network_id: NetworkId | None = None
+    ) -> tuple[str, tuple[Kind, bytes], tuple[Kind, bytes]] | None:
+        return await self._credits(network_id).fraud_proof(account_id)
 
     # -- views ------------------------------------------------------------------------------------
 

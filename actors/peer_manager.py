@@ -28,6 +28,7 @@ from mycellm.types import (
     NetworkId,
     PeerId,
     RequestId,
+    Usage,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,9 @@ class PeerManager:
 
     async def cancel(self, request_id: RequestId) -> bool:
         return await self._service.cancel(request_id)
+
+    async def settle_broken(self, request_id: RequestId, usage: Usage) -> None:
+        self._service.settle_broken(request_id, usage)
 
     async def complete(self, peer_id: PeerId, request: GenerationRequest) -> CompletionResult:
         return await self._service.complete(peer_id, request)

@@ -13,6 +13,7 @@ from mycellm.types import (
     EmbeddingResult,
     GenerationChunk,
     GenerationRequest,
+    Usage,
 )
 
 # A pull waits up to its own wait_s for text; the call itself gets this much more.
@@ -42,6 +43,10 @@ class ActorTarget:
 
     def cancel(self, request_id: str) -> None:
         cancel_quietly(self._handle.cancel, request_id)
+
+    def settle_broken(self, request_id: str, usage: Usage) -> None:
+        if self._via:  # a peer is paid for what it sent before it broke; local workers are free
+            cancel_quietly(self._handle.settle_broken, request_id, usage)
 
     async def complete(self, request: GenerationRequest) -> CompletionResult:
         result: CompletionResult = await call_actor(

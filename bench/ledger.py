@@ -83,8 +83,17 @@ async def settle_rate(url: str, receipts: list[Receipt], batch: int, in_flight: 
 
 
 def _signed_rounds(root: Path, count: int, rounds: int) -> list[list[Receipt]]:
-    """``rounds`` sets of ``count`` receipts among four parties, every fifth with a relay."""
+    """``rounds`` sets of ``count`` receipts among four parties, every fifth with a relay; each
+    consumer's receipts carry its spend chain (number, held before, hold), as paid requests do."""
     people = list(parties(root, "a", "b", "c", "d").values())
+    chains = [[1, 0] for _ in people]  # each consumer's next number and what its holds took
+    hold_price = 10**6
+
+    def chained(consumer: int) -> tuple[int, int, int]:
+        seq, held = chains[consumer]
+        chains[consumer] = [seq + 1, held + hold_price]
+        return seq, held, hold_price
+
     return [
         [
             make_receipt(
@@ -94,6 +103,7 @@ def _signed_rounds(root: Path, count: int, rounds: int) -> list[list[Receipt]]:
                 f"r{round_}-{index}",
                 relays=(people[(index + 2) % 4],) if index % 5 == 0 else (),
                 network_id=NETWORK,
+                hold=chained(index % 4),
             )
             for index in range(count)
         ]

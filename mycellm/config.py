@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -43,6 +52,9 @@ class PriceSettings(BaseModel):
     reputation_half_life_s: float = Field(default=7 * 86400, gt=0)
     grace_credits: float = Field(default=10.0, ge=0)
     max_consume_ratio: float = Field(default=4.0, gt=0)
+    # A receipt not offered this long after a request was served counts as missed, and the work as
+    # consumed unpaid (in the freeloader policy above).
+    receipt_deadline_s: float = Field(default=60.0, gt=0)
 
 
 class ModelSettings(BaseModel):
@@ -84,6 +96,12 @@ class ModelSettings(BaseModel):
         if self.api_key_env:
             return os.environ.get(self.api_key_env)
         return None
+
+
+def _check_network(cidr: str) -> str:
+    """A CIDR such as 127.0.0.0/8 or fc00::/7 (host bits may be set)."""
+    ipaddress.ip_network(cidr, strict=False)  # ValueError names it
+    return cidr
 
 
 class AuthSettings(BaseModel):
@@ -149,6 +167,20 @@ class NodeSettings(BaseSettings):
     max_buffered_bytes_per_stream: int = Field(default=4 << 20, ge=8192, le=256 << 20)
     max_requests_per_peer: int = Field(default=64, ge=1, le=4096)
     max_gossip_per_minute: int = Field(default=1200, ge=1, le=1_000_000)
+    # Peer exchange: addresses learned from peers are hints (signed by their peer; see
+    # mycellm/network/peer_hints.py). Only literal public IPs are kept and dialed, plus private
+    # ranges (RFC 1918, 100.64/10, fc00::/7) when allowed and the CIDRs listed; bootstrap peers are
+    # always dialed as configured. The table of hints is bounded overall, per peer that relayed
+    # them, per /16 (IPv6: /32) and per account; few unproven addresses are dialed a minute.
+    allow_private_peer_addresses: bool = False
+    allowed_peer_networks: tuple[Annotated[str, AfterValidator(_check_network)], ...] = Field(
+        default=(), max_length=64
+    )
+    max_peer_hints: int = Field(default=256, ge=1, le=65536)
+    max_hints_per_source: int = Field(default=32, ge=1, le=65536)
+    max_hints_per_address_group: int = Field(default=16, ge=1, le=65536)
+    max_hints_per_account: int = Field(default=8, ge=1, le=65536)
+    max_hint_dials_per_minute: int = Field(default=10, ge=0, le=100_000)
     # The network of requests that name none: a network name or id prefix (default: see README).
     network: str | None = Field(default=None, max_length=64)
     # An invite (token text or mycellm://join link) redeemed at start unless already a member.

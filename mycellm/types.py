@@ -20,12 +20,26 @@ class FrozenModel(BaseModel):
 
 
 class Usage(FrozenModel):
+    """Tokens of one answer. ``continuation_tokens``: of ``completion_tokens``, those a resumed
+    generation was given (an earlier attempt produced them); the node that resumed read them as
+    prompt, and is paid for them as prompt (``billed``)."""
+
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
+    continuation_tokens: int = Field(default=0, ge=0)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def billed(self) -> Usage:
+        """What the node that produced this answer is paid for: the continuation as prompt."""
+        continuation = min(self.continuation_tokens, self.completion_tokens)
+        return Usage(
+            prompt_tokens=self.prompt_tokens + continuation,
+            completion_tokens=self.completion_tokens - continuation,
+        )
 
 
 class ToolCall(FrozenModel):

@@ -28,6 +28,7 @@ def make_receipt(
     model: str = "SmolLM2-135M-Instruct",
     tier: str | None = "fast",
     network_id: str = NETWORK,
+    hold: tuple[int, int, int] | None = None,
 ) -> Receipt:
     started = int(time.time() * 1000) - 500
     terms = draft_terms(
@@ -42,6 +43,7 @@ def make_receipt(
         seeder=seeder.certificate,
         relays=tuple(relay.certificate for relay in relays),
         started_at_ms=started,
+        hold=hold,
     )
     encoded, signature = sign_as_consumer(terms, consumer)
     return countersign(encoded, signature, seeder)

@@ -86,6 +86,8 @@ def node_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
             "RAY_AUTH_MODE": "disabled",
             "MYCELLM_RAY_DASHBOARD": "false",
             "MYCELLM_NODE_NAME": "test-node",
+            # Test nodes listen on loopback: addresses learned from peers are loopback ones.
+            "MYCELLM_ALLOWED_PEER_NETWORKS": '["127.0.0.0/8"]',
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -94,6 +94,7 @@ def peer_service(
         "heartbeat_interval_s": 0.2,
         "reconnect_max_backoff_s": 0.5,
         "peer_exchange_interval_s": 0.5,
+        "allowed_peer_networks": ("127.0.0.0/8",),  # every test node listens on loopback
     }
     values.update(settings)
     node = NodeSettings(**values)  # type: ignore[arg-type]

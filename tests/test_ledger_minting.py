@@ -19,8 +19,9 @@ from mycellm.ledger.credits import CreditBook
 from mycellm.ledger.pricing import MICRO, PriceTable
 from mycellm.ledger.receipts import Receipt, ReceiptTerms, check_receipt, draft_terms
 from mycellm.ledger.store import Store
+from mycellm.network.messages import InferenceMessage
 from mycellm.network.settlement import Settler
-from mycellm.types import GenerationRequest, ModelInfo, NetworkId
+from mycellm.types import GenerationRequest, ModelInfo, NetworkId, PeerId
 from tests.ledger_kit import NETWORK, make_receipt, parties
 
 PRICES = PriceTable(PriceSettings(initial_grant=1000.0))
@@ -236,14 +237,19 @@ async def test_a_request_without_max_tokens_is_priced_at_the_cap(store: Store, p
     request = GenerationRequest(request_id="open", model="m", messages=({"role": "user", "content": "Hi"},))
     consumer = Settler(alice, prices, network, CreditBook(store.engine, prices, network))
     with pytest.raises(PaymentRequiredError, match="does not cover the price"):
-        await consumer.admit(request, model)
-    bounded = await consumer.admit(request.model_copy(update={"max_tokens": 8}), model)
-    assert bounded.max_tokens == 8
-    # The seeder prices an open request at the cap too, before any work.
+        await consumer.admit(request, model, PeerId(bob.peer_id))
+    admitted = await consumer.admit(request.model_copy(update={"max_tokens": 8}), model, PeerId(bob.peer_id))
+    assert admitted.request.max_tokens == 8
+    # The seeder prices an open request at the cap too, before any work: the hold for 8 tokens
+    # does not cover it.
     seeder = Settler(bob, prices, network, CreditBook(store.engine, prices, network))
-    with pytest.raises(PaymentRequiredError, match="does not cover the price"):
-        await seeder.check_consumer(alice.certificate, request, model)
-    await seeder.check_consumer(alice.certificate, bounded, model)
+    with pytest.raises(PaymentRequiredError, match="may cost") as short:
+        await seeder.check_consumer(
+            alice.certificate, InferenceMessage(request=request, hold=admitted.hold.signed), model
+        )
+    assert short.value.code == "hold_short"
+    served = InferenceMessage(request=admitted.request, hold=admitted.hold.signed)
+    assert await seeder.check_consumer(alice.certificate, served, model) == admitted.hold.terms
 
 
 # -- 4. receipt times ------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from mycellm.network.messages import (
     PeersMessage,
     PingMessage,
 )
+from mycellm.network.peer_log import PeerLog
 from mycellm.network.quic import FrameStream, PeerLink
 from mycellm.network.service import PeerService
 from mycellm.network.session import Session
@@ -255,7 +258,7 @@ async def test_a_gossip_flood_is_dropped_over_the_budget_and_the_node_stays_resp
     for index in range(10_000):
         entry = PeerAddress(
             peer_id=os.urandom(32).hex(),
-            address=f"10.{index // 65536}.{index // 256 % 256}.{index % 256}:8421",
+            record=f"10.{index // 65536}.{index // 256 % 256}.{index % 256}:8421".encode(),
         )
         session.send(PeersMessage(peers=(entry,)))
     marker = 1 << 40  # a ping after the flood: its pong means every message before it was read
@@ -331,3 +334,33 @@ async def test_a_link_that_sends_no_hello_gives_its_inbound_slot_back(
         assert silent._quic._close_event is not None and "no hello" in silent._quic._close_event.reason_phrase
     honest = await _start(services, peer_service(tmp_path, "honest"))
     await _linked(honest, server)
+
+
+async def test_a_request_stream_that_opens_with_the_wrong_kind_gets_a_typed_error(
+    tmp_path: Path, services: list[PeerService]
+) -> None:
+    server = await _start(services, peer_service(tmp_path, "server"))
+    client = await _start(services, peer_service(tmp_path, "client"))
+    session = await _linked(client, server)
+    stream = session.link.open_stream()
+    stream.send(PingMessage(seq=1, sent_at=time.time()))
+    reply = await stream.receive(10)
+    assert isinstance(reply, ErrorMessage) and reply.code == "unexpected", reply
+    assert "cannot open with ping" in reply.message
+    assert client.peer_id in server.connected()  # the link goes on
+
+
+def test_warnings_about_one_peer_are_bounded_and_the_rest_counted(caplog: pytest.LogCaptureFixture) -> None:
+    log = PeerLog(lines=3, window_s=0.2)
+    flood = logging.getLogger("flood")
+    with caplog.at_level(logging.WARNING, logger="flood"):
+        for index in range(1000):
+            log.warning(flood, "mallory", "refused item %d", index)
+        log.warning(flood, "honest", "one from another peer")
+        time.sleep(0.25)
+        log.warning(flood, "mallory", "after the window")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[:3] == ["refused item 0", "refused item 1", "refused item 2"]
+    assert "one from another peer" in lines
+    assert "997 more warnings about peer mallory were not logged" in lines
+    assert lines[-1] == "after the window" and len(lines) == 6

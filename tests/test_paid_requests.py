@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mycellm.config import ModelSettings, NodeSettings, PriceSettings
+from mycellm.config import ModelSettings, PriceSettings
 from mycellm.engines.llama_cpp import LlamaCppEngine
 from mycellm.errors import PaymentRequiredError
 from mycellm.ledger.audit import audit
@@ -19,12 +19,17 @@ from mycellm.ledger.credits import CreditBook
 from mycellm.ledger.pricing import MICRO, PriceTable
 from mycellm.ledger.receipts import Receipt, ReceiptTerms, draft_terms, sign_as_consumer
 from mycellm.ledger.store import Store
-from mycellm.network.forwarding import Forwarder
-from mycellm.network.messages import ErrorMessage, PingMessage, ReceiptOfferMessage, ReceiptsMessage
-from mycellm.network.registry import PeerRegistry
+from mycellm.network.messages import (
+    ChunkMessage,
+    DoneMessage,
+    ErrorMessage,
+    InferenceMessage,
+    PingMessage,
+    ReceiptOfferMessage,
+    ReceiptsMessage,
+)
 from mycellm.network.service import PeerService
-from mycellm.network.settlement import NetworkTerms
-from mycellm.types import CompletionResult, GenerationRequest, NetworkId, Usage
+from mycellm.types import GenerationRequest, NetworkId, Usage
 from tests.peer_kit import peer_service, shared_network, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,16 +93,22 @@ async def trio(
         await node.store.close()
 
 
-async def _unpaid(consumer: PeerService, seeder: PeerService, request: GenerationRequest) -> CompletionResult:
-    """``request`` sent over the consumer's link without its Settler: nothing is paid on its own."""
-    free = NetworkTerms(consumer.networks.default_id(), {}, None)
-    forwarder = Forwarder(
-        consumer.session, PeerRegistry(), NodeSettings(stream_interval_s=0.0), lambda network_id: free
-    )
-    try:
-        return await forwarder.complete(seeder.peer_id, request)
-    finally:
-        await forwarder.close()
+async def _unpaid(
+    consumer: PeerService, seeder: PeerService, request: GenerationRequest
+) -> tuple[Usage, tuple[int, int, int]]:
+    """``request`` sent with a hold signed by the consumer's Settler but never paid on its own:
+    its usage and the hold's terms, for the test to offer terms by hand."""
+    assert consumer.settler is not None
+    request = request.model_copy(update={"network_id": consumer.settler.network_id})
+    model = next(info for info in consumer.session(seeder.peer_id).hello.models if info.name == request.model)
+    admission = await consumer.settler.admit(request, model, seeder.peer_id)
+    stream = consumer.session(seeder.peer_id).link.open_stream()
+    stream.send(InferenceMessage(request=admission.request, hold=admission.hold.signed))
+    while True:
+        message = await stream.receive(60)
+        if isinstance(message, DoneMessage):
+            return message.usage, admission.hold.terms
+        assert isinstance(message, ChunkMessage), message
 
 
 def _request(model: str, max_tokens: int | None = 2) -> GenerationRequest:
@@ -139,8 +150,10 @@ async def test_a_consumer_that_cannot_pay_gets_402_before_any_work(
     # Nothing moved on B: its own account and its linked peers' hold their grants, no receipt.
     assert b.service.serving == 0 and set((await b.book.balances()).values()) <= {5 * MICRO}
     # An open max_tokens is capped at what the balance pays for.
-    capped = await a.service.settler.admit(_request(model, None), engine.models()[0])  # type: ignore[union-attr]
-    assert capped.max_tokens is not None and 0 < capped.max_tokens < 5000
+    settler = a.service.settler
+    assert settler is not None
+    capped = await settler.admit(_request(model, None), engine.models()[0], b.service.peer_id)
+    assert capped.request.max_tokens is not None and 0 < capped.request.max_tokens < 5000
 
 
 async def test_offers_for_what_was_not_served_are_refused(
@@ -169,13 +182,16 @@ async def test_offers_for_what_was_not_served_are_refused(
     assert "served no request never-served" in answer.message
     # A served request whose terms claim fewer tokens than were served.
     request = _request(model.name, max_tokens=3)
-    result = await _unpaid(a.service, b.service, request)  # the test offers the terms itself
+    usage, hold = await _unpaid(a.service, b.service, request)  # the test offers the terms itself
     low = ReceiptTerms.model_validate(
         terms.model_dump()
         | {
             "request_id": request.request_id,
-            "prompt_tokens": result.usage.prompt_tokens,
+            "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": 0,
+            "spend_seq": hold[0],
+            "held_before": hold[1],
+            "hold_price": hold[2],
         }
     )
     encoded, signature = sign_as_consumer(low, a.service.identity)
@@ -268,7 +284,7 @@ async def test_a_receipt_lost_in_a_crash_is_settled_on_retry(
     model = engine.models()[0]
     settler = a.service.settler
     request = _request(model.name, max_tokens=3)
-    result = await _unpaid(a.service, b.service, request)  # its payment is done by hand below
+    usage, hold = await _unpaid(a.service, b.service, request)  # its payment is done by hand below
     link = a.service.session(b.service.peer_id).link
     terms = draft_terms(
         PriceTable(CREDITS),
@@ -276,11 +292,12 @@ async def test_a_receipt_lost_in_a_crash_is_settled_on_retry(
         network_id=a.book.network_id,
         model=model.name,
         tier=model.tier,
-        prompt_tokens=result.usage.prompt_tokens,
-        completion_tokens=result.usage.completion_tokens,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
         consumer=a.service.identity.certificate,
         seeder=b.service.identity.certificate,
         started_at_ms=0,
+        hold=hold,
     )
     encoded, signature = sign_as_consumer(terms, a.service.identity)
     await a.book.remember_offer(request.request_id, b.service.peer_id, encoded, signature)

@@ -72,7 +72,7 @@ def test_every_message_kind_round_trips_through_frames() -> None:
         DoneMessage(text="!", finish_reason="stop", usage=Usage(prompt_tokens=3, completion_tokens=4)),
         ErrorMessage(code="engine_error", message="boom"),
         CancelMessage(reason="client left"),
-        PeersMessage(peers=(PeerAddress(peer_id="a" * 64, address="127.0.0.1:9"),)),
+        PeersMessage(peers=(PeerAddress(peer_id="a" * 64, record=b"a signed address record"),)),
     ]
     stream = b"".join(encode_frame(message) for message in messages)
     # Delivered in arbitrary pieces, the reader reassembles the same messages.
@@ -142,7 +142,7 @@ def test_decode_body_refuses_deep_nesting() -> None:
 
 
 def test_every_kind_has_a_unique_name() -> None:
-    assert len(MESSAGE_TYPES) == 19
+    assert len(MESSAGE_TYPES) == 20
     assert all(kind == message.kind for kind, message in MESSAGE_TYPES.items())
 
 
@@ -319,11 +319,16 @@ OVER_LONG: list[tuple[str, dict[str, object], str]] = [
     ),
     ("error", {"code": "internal", "message": _LONG}, "message"),
     ("cancel", {"reason": _LONG}, "reason"),
-    ("peers", {"peers": [{"peer_id": "a" * 64, "address": _LONG}]}, "peers"),
+    ("peers", {"peers": [{"peer_id": "a" * 64, "record": b"x" * 2049}]}, "peers"),
+    ("peers", {"peers": [{"peer_id": "a" * 64, "record": b""}] * 257}, "peers"),
+    ("peers", {"peers": [{"peer_id": "a" * 64, "address": "127.0.0.1:9"}]}, "peers"),  # unsigned
     ("revocations", {"lists": [b"x" * 65537]}, "lists"),
     ("receipt?", {"terms": b"x" * 32769, "consumer_signature": b"s" * 64}, "terms"),
     ("receipt", {"receipt": b"x" * 65537}, "receipt"),
     ("receipts", {"receipts": [b"x" * 65537]}, "receipts"),
+    ("fraud", {"first_kind": "hold", "first": b"x" * 65537, "second_kind": "hold", "second": b""}, "first"),
+    ("infer", {"request": _REQUEST, "hold": b"x" * 65537}, "hold"),
+    ("infer", {"request": _REQUEST, "receipts": [b""] * 9}, "receipts"),
     ("join?", {"network_id": "a" * 65}, "network_id"),
     ("joined", {"description": b"x" * 65537, "membership": b""}, "description"),
     ("networks", {"descriptions": [b"x" * 65537]}, "descriptions"),

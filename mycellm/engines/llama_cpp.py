@@ -280,7 +280,9 @@ class LlamaCppEngine:
         if prepared.max_new_tokens <= 0 or matcher.stopped:
             # A continuation that used the whole budget (or the context), or ends in a stop string.
             usage = Usage(
-                prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.continuation_tokens
+                prompt_tokens=prepared.prompt_tokens,
+                completion_tokens=prepared.continuation_tokens,
+                continuation_tokens=prepared.continuation_tokens,
             )
             emit(GenerationChunk(finish_reason="stop" if matcher.stopped else "length", usage=usage))
             return
@@ -297,7 +299,9 @@ class LlamaCppEngine:
         finish, produced = ended
         tail = matcher.flush()
         usage = Usage(
-            prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.continuation_tokens + produced
+            prompt_tokens=prepared.prompt_tokens,
+            completion_tokens=prepared.continuation_tokens + produced,
+            continuation_tokens=prepared.continuation_tokens,
         )
         if prepared.forced_tool is None:
             emit(GenerationChunk(text=tail, finish_reason=finish, usage=usage))

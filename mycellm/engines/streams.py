@@ -31,8 +31,10 @@ class ChunkBuffer:
         self._ready = asyncio.Event()
         self._delivered_final = False
         self._raised_error = False
+        self.produced = False  # whether any text or tool call was put
 
     def put(self, chunk: GenerationChunk) -> None:
+        self.produced = self.produced or bool(chunk.text or chunk.tool_calls)
         if chunk.text:
             self._texts.append(chunk.text)
         self._tool_calls.extend(chunk.tool_calls)

@@ -152,5 +152,7 @@ class StreamState:
             completion_tokens = max(self.deltas, self.characters // 4)
             warn_estimate("completion")
         return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens + self.continuation_tokens
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens + self.continuation_tokens,
+            continuation_tokens=self.continuation_tokens,
         )

@@ -125,7 +125,8 @@ class VllmEngine:
         if max_new <= 0 or (matcher is not None and matcher.stopped):
             # A continuation that used the whole budget (or the context), or ends in a stop string.
             ended: FinishReason = "stop" if matcher is not None and matcher.stopped else "length"
-            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=continuation_tokens)
+            done = continuation_tokens
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=done, continuation_tokens=done)
             yield GenerationChunk(finish_reason=ended, usage=usage)
             return
         sampling = self._sampling(request, max_tokens=max_new)
@@ -145,6 +146,7 @@ class VllmEngine:
                 usage = Usage(
                     prompt_tokens=prompt_tokens,
                     completion_tokens=continuation_tokens + len(completion.token_ids),
+                    continuation_tokens=continuation_tokens,
                 )
                 if matcher is not None and matcher.stopped:
                     # vLLM would go on: free its slot now, not when this generator is closed.

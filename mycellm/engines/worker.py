@@ -19,6 +19,7 @@ from mycellm.types import (
     GenerationRequest,
     ModelInfo,
     RequestId,
+    Usage,
 )
 
 
@@ -116,6 +117,9 @@ class InProcessTarget:
         task = asyncio.get_running_loop().create_task(self._streams.cancel(request_id))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
+
+    def settle_broken(self, request_id: RequestId, usage: Usage) -> None:
+        """Nothing to pay: the engines of this process are this node's own."""
 
     async def complete(self, request: GenerationRequest) -> CompletionResult:
         return await self._streams.complete(request)

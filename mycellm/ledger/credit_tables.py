@@ -90,3 +90,55 @@ class ParkedReceiptRow(Base):
     encoded: Mapped[bytes] = mapped_column(LargeBinary)
     price: Mapped[int] = mapped_column(BigInteger)
     parked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SpendRow(Base):
+    """One statement of an account's spend chain: a hold, a release, or a receipt's terms."""
+
+    __tablename__ = "spend_statements"
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128))
+    held_before: Mapped[int] = mapped_column(BigInteger)
+    max_price: Mapped[int] = mapped_column(BigInteger)
+    evidence: Mapped[bytes] = mapped_column(LargeBinary)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SpendFraudRow(Base):
+    """A proof that an account's spend chain lies: two of its signed statements that contradict."""
+
+    __tablename__ = "spend_frauds"
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(200))
+    first_kind: Mapped[str] = mapped_column(String(8))
+    first: Mapped[bytes] = mapped_column(LargeBinary)
+    second_kind: Mapped[str] = mapped_column(String(8))
+    second: Mapped[bytes] = mapped_column(LargeBinary)
+    detected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PeerServedRow(Base):
+    """A request this node serves or served a peer, kept until its receipt settles: the seeder's
+    side of the terms, which a restart must not forget (``usage`` is empty until it finished)."""
+
+    __tablename__ = "served_for_peers"
+
+    network_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    peer_id: Mapped[str] = mapped_column(String(64))
+    consumer: Mapped[bytes] = mapped_column(LargeBinary)
+    model: Mapped[str] = mapped_column(String(256))
+    tier: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    max_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    hold_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    held_before: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    hold_price: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -28,6 +28,7 @@ from mycellm.ledger.credit_tables import (
     CreditAccountRow,
     CreditEntryRow,
     CreditGrantRow,
+    PeerServedRow,
     PendingReceiptRow,
     ReceiptRow,
 )
@@ -35,6 +36,9 @@ from mycellm.ledger.journal import check_served, duplicate, entry_row, receipt_r
 from mycellm.ledger.pending import LedgerError, PendingOffers
 from mycellm.ledger.pricing import PriceTable, credits
 from mycellm.ledger.receipts import CheckedReceipt, Receipt, check_receipt, check_time
+from mycellm.ledger.served import ServedRecords
+from mycellm.ledger.spend_book import SpendChains, note
+from mycellm.ledger.spends import Spend, receipt_spend
 from mycellm.ledger.store import INSERTS
 from mycellm.ledger.writes import Writes
 from mycellm.types import AccountId, NetworkId, RequestId
@@ -79,7 +83,7 @@ def unaffordable(balance: int, price: int) -> PaymentRequiredError:
     )
 
 
-class CreditBook(PendingOffers):
+class CreditBook(PendingOffers, SpendChains, ServedRecords):
     """The credits of one network in one database; in this process, the CreditKeeper of settlement."""
 
     def __init__(self, engine: AsyncEngine, prices: PriceTable, network_id: NetworkId) -> None:
@@ -88,6 +92,7 @@ class CreditBook(PendingOffers):
         self._sessions, self._transaction = writes.sessions, writes.transaction
         self.prices = prices
         self.network_id = network_id
+        self._fresh_proofs = []
 
     # -- members --------------------------------------------------------------------------------
 
@@ -268,9 +273,12 @@ class CreditBook(PendingOffers):
         net: dict[str, int] = {}
         entries: list[dict[str, object]] = []
         rows: list[dict[str, object]] = []
+        spends: list[Spend] = []  # a receipt states a spend whether or not it applies here yet
         now = _now()
         for index, item, encoded in admissible:
             terms, consumer = item.terms, item.consumer.account_id
+            if (spend := receipt_spend(terms, item.consumer, encoded)) is not None:
+                spends.append(spend)
             if balances[consumer] < terms.price:
                 if source == "own":
                     outcomes[index] = unaffordable(balances[consumer], terms.price)
@@ -301,6 +309,11 @@ class CreditBook(PendingOffers):
                 )
             )
             await parked.unpark(session, self.network_id, settled)
+            await connection.execute(  # what this node served for them is paid for now
+                delete(PeerServedRow).where(
+                    PeerServedRow.network_id == self.network_id, PeerServedRow.request_id.in_(settled)
+                )
+            )
         for account in sorted(net):
             await session.execute(
                 update(CreditAccountRow)
@@ -308,6 +321,7 @@ class CreditBook(PendingOffers):
                 .values(balance=CreditAccountRow.balance + net[account])
             )
         applied.credited = {account for account, delta in net.items() if delta > 0}
+        await note(session, self._engine.dialect.name, self.network_id, spends, self._fresh_proofs)
         return applied
 
     async def _admissible(

@@ -57,6 +57,10 @@ class ReceiptTerms(CanonicalModel):
     relays: tuple[RelayShare, ...] = Field(default=(), max_length=MAX_RELAYS)
     started_at_ms: int = Field(ge=0)
     finished_at_ms: int = Field(ge=0)
+    # The consumer's spend chain (``spends.py``): the number, held_before and max of its hold.
+    spend_seq: int | None = Field(default=None, ge=1, lt=2**62)
+    held_before: int | None = Field(default=None, ge=0, lt=2**62)
+    hold_price: int | None = Field(default=None, ge=0, lt=2**62)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ReceiptTerms:
@@ -130,8 +134,10 @@ def draft_terms(
     relays: tuple[DeviceCertificate, ...] = (),
     started_at_ms: int,
     finished_at_ms: int | None = None,
+    hold: tuple[int, int, int] | None = None,
 ) -> ReceiptTerms:
-    """The terms both parties will sign, priced by the table."""
+    """The terms both parties will sign, priced by the table; ``hold`` is the consumer's (seq,
+    held_before, max_price) for this request."""
     price = prices.price(model, tier, prompt_tokens, completion_tokens)
     seeder_share, fees = prices.split(price, len(relays))
     return ReceiptTerms(
@@ -150,6 +156,7 @@ def draft_terms(
         ),
         started_at_ms=started_at_ms,
         finished_at_ms=int(time.time() * 1000) if finished_at_ms is None else finished_at_ms,
+        **({} if hold is None else {"spend_seq": hold[0], "held_before": hold[1], "hold_price": hold[2]}),
     )
 
 
@@ -166,7 +173,7 @@ def countersign(terms: bytes, consumer_signature: bytes, identity: NodeIdentity)
     parsed = ReceiptTerms.from_bytes(terms)
     if parsed.seeder != identity.certificate.to_bytes():
         raise ReceiptError("these terms name another seeder than this node")
-    _verify(_certificate(parsed.consumer, "consumer", parsed), consumer_signature, terms, "consumer")
+    verify_party(_certificate(parsed.consumer, "consumer", parsed), consumer_signature, terms, "consumer")
     return Receipt(
         terms=terms,
         consumer_signature=consumer_signature,
@@ -183,10 +190,15 @@ def _signed_certificate(data: bytes) -> DeviceCertificate:
 
 
 def _certificate(data: bytes, party: str, terms: ReceiptTerms) -> DeviceCertificate:
+    return party_certificate(data, party, terms.finished_at_ms)
+
+
+def party_certificate(data: bytes, party: str, at_ms: int) -> DeviceCertificate:
+    """A party's device certificate, signed by its account and valid at ``at_ms``."""
     try:
         certificate = _signed_certificate(data)
         # Valid when the request was served; a later expiry does not undo a settled receipt.
-        certificate.verify(now=terms.finished_at_ms / 1000, signature_checked=True)
+        certificate.verify(now=at_ms / 1000, signature_checked=True)
     except IdentityError as error:
         raise ReceiptError(
             f"{party} certificate: {error.message}", code="receipt_certificate_invalid"
@@ -194,7 +206,7 @@ def _certificate(data: bytes, party: str, terms: ReceiptTerms) -> DeviceCertific
     return certificate
 
 
-def _verify(certificate: DeviceCertificate, signature: bytes, payload: bytes, party: str) -> None:
+def verify_party(certificate: DeviceCertificate, signature: bytes, payload: bytes, party: str) -> None:
     try:
         Ed25519PublicKey.from_public_bytes(certificate.device_public_key).verify(signature, payload)
     except (InvalidSignature, ValueError) as error:
@@ -218,13 +230,19 @@ def check_time(terms: ReceiptTerms, *, heard: bool, now: float | None = None) ->
         )
 
 
-def check_receipt(receipt: Receipt, prices: PriceTable) -> CheckedReceipt:
-    """Verify both signatures, every party's certificate and the amounts; ReceiptError says which failed."""
+def check_signatures(receipt: Receipt) -> tuple[ReceiptTerms, DeviceCertificate, DeviceCertificate]:
+    """The terms, consumer and seeder of a receipt whose two signatures and certificates hold."""
     terms = ReceiptTerms.from_bytes(receipt.terms)
     consumer = _certificate(terms.consumer, "consumer", terms)
     seeder = _certificate(terms.seeder, "seeder", terms)
-    _verify(consumer, receipt.consumer_signature, receipt.terms, "consumer")
-    _verify(seeder, receipt.seeder_signature, receipt.terms + receipt.consumer_signature, "seeder")
+    verify_party(consumer, receipt.consumer_signature, receipt.terms, "consumer")
+    verify_party(seeder, receipt.seeder_signature, receipt.terms + receipt.consumer_signature, "seeder")
+    return terms, consumer, seeder
+
+
+def check_receipt(receipt: Receipt, prices: PriceTable) -> CheckedReceipt:
+    """Verify both signatures, every party's certificate and the amounts; ReceiptError says which failed."""
+    terms, consumer, seeder = check_signatures(receipt)
     if consumer.account_id == seeder.account_id:
         raise ReceiptError("an account does not pay itself: requests served by the node itself are free")
     if terms.finished_at_ms < terms.started_at_ms:

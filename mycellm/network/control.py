@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 
-from mycellm.config import split_address
-from mycellm.errors import PeerError, ProtocolError
+from mycellm.errors import IdentityError, PeerError, ProtocolError
 from mycellm.identity.revocation_keeper import RevocationKeeper
 from mycellm.identity.revocations import RevocationList
 from mycellm.network.limits import GossipBudget
@@ -17,6 +16,7 @@ from mycellm.network.messages import (
     CONTROL_KINDS,
     MAX_PEERS_PER_MESSAGE,
     ErrorMessage,
+    FraudProofMessage,
     NetworkNewsMessage,
     PeerAddress,
     PeersMessage,
@@ -29,6 +29,9 @@ from mycellm.network.messages import (
     error_message,
 )
 from mycellm.network.network_links import NetworkLinks
+from mycellm.network.peer_addresses import HeardAddress, Verdict, read_address
+from mycellm.network.peer_hints import PeerHints, verified
+from mycellm.network.peer_log import PEER_LOG
 from mycellm.network.registry import PeerRegistry
 from mycellm.network.session import Session, SessionTable
 from mycellm.types import PeerId
@@ -43,6 +46,7 @@ GOSSIP_KINDS: frozenset[str] = frozenset(
         PeersRequestMessage,
         PeersMessage,
         ReceiptsMessage,
+        FraudProofMessage,
         RevocationsMessage,
         NetworkNewsMessage,
     )
@@ -55,6 +59,12 @@ class ControlChannel:
     ``load`` is this node's load as a pong reports it; ``on_change`` hears of every change to what
     the registry knows of a peer; ``drop`` ends a session (a peer that missed its heartbeats, a
     revoked device, a control stream that ended).
+
+    Peer exchange: a peer list starts with the sender's own signed address record (``own_entry``),
+    kept here as what that peer says of itself and relayed verbatim to the other peers of its
+    networks; the other entries are other peers' records, which go to ``hints``. A list with a
+    forged entry counts once against its sender and the rest of it is not read: an honest relay
+    only passes on records it checked.
     """
 
     def __init__(
@@ -68,8 +78,13 @@ class ControlChannel:
         load: Callable[[], int],
         on_change: Callable[[], None],
         drop: Callable[[Session, str], None],
+        hints: PeerHints,
+        own_entry: Callable[[], PeerAddress | None],
     ) -> None:
         self._own_peer_id = own_peer_id
+        self.hints = hints
+        self._own_entry = own_entry
+        self._direct: dict[PeerId, HeardAddress] = {}  # each linked peer's newest record of itself
         self._sessions = sessions
         self._registry = registry
         self._revocations = revocations
@@ -111,9 +126,12 @@ class ControlChannel:
             case PeersRequestMessage():
                 session.send(PeersMessage(peers=self._shareable_peers(session)))
             case PeersMessage():
-                self._on_peers(message)
+                self._on_peers(session, message)
             case ReceiptsMessage():
                 self._on_receipts(session, message)
+            case FraudProofMessage():
+                if self._networks.settlers():  # a node that keeps no credits has no use for them
+                    self._networks.observe_fraud(session, message)
             case RevocationsMessage():
                 accepted = self._revocations.accept(message.lists, source=session.peer_id)
                 self.revocations_arrived(accepted, source=session.peer_id)
@@ -122,7 +140,14 @@ class ControlChannel:
                 self._news.add(task)
                 task.add_done_callback(self._news.discard)
             case ErrorMessage():
-                logger.warning("peer %s reported: %s %s", session.peer_id[:12], message.code, message.message)
+                PEER_LOG.warning(
+                    logger,
+                    session.peer_id,
+                    "peer %s reported: %s %s",
+                    session.peer_id[:12],
+                    message.code,
+                    message.message,
+                )
             case _:  # declared in CONTROL_KINDS but not handled here: still answered
                 self._unexpected(session, message)
 
@@ -147,12 +172,44 @@ class ControlChannel:
         self._registry.heard(session.peer_id, rtt_ms=rtt_ms, load=pong.load)
         self._on_change()
 
-    def _on_peers(self, message: PeersMessage) -> None:
+    def _on_peers(self, session: Session, message: PeersMessage) -> None:
         for entry in message.peers:
-            if entry.peer_id != self._own_peer_id and self._sessions.routed(entry.peer_id) is None:
-                with contextlib.suppress(ValueError):
-                    split_address(entry.address)
-                    self._registry.learn(entry.peer_id, entry.address)
+            if entry.peer_id == session.peer_id:
+                verdict = self._on_own_record(session, entry)
+            elif entry.peer_id == self._own_peer_id or self._sessions.routed(entry.peer_id) is not None:
+                continue  # what a linked peer says of itself counts, not what others relay of it
+            else:
+                verdict = self.hints.hear(entry, source=session.peer_id)
+            if verdict == "forged":
+                PEER_LOG.warning(
+                    logger, session.peer_id, "peer %s relayed a forged address record", session.peer_id[:12]
+                )
+                self._registry.outcome(session.peer_id, ok=False)
+                return
+
+    def record_of(self, peer_id: PeerId) -> HeardAddress | None:
+        """The newest record a linked peer sent of itself (what this node relays of it)."""
+        return self._direct.get(peer_id)
+
+    def _on_own_record(self, session: Session, entry: PeerAddress) -> Verdict:
+        """The sender's record of itself: kept (for relaying) if it verifies and is newer."""
+        now = time.time()
+        try:
+            heard = read_address(entry)
+        except IdentityError:
+            return "forged"
+        held = self._direct.get(session.peer_id)
+        if not heard.fresh(now):
+            return "stale"
+        if held is not None and held.signed_at >= heard.signed_at:
+            return "known"
+        verdict = verified(heard, self._revocations.is_revoked, now)
+        if verdict == "kept":
+            self._direct[session.peer_id] = heard
+            if len(self._direct) > 2 * len(self._sessions) + 16:  # records of peers gone
+                routed = set(self._sessions.peer_ids())
+                self._direct = {peer: item for peer, item in self._direct.items() if peer in routed}
+        return verdict
 
     def _on_receipts(self, session: Session, message: ReceiptsMessage) -> None:
         if not self._networks.settlers():  # a node that keeps no credits has no use for receipts
@@ -161,14 +218,19 @@ class ControlChannel:
         self._networks.observe(session, message.receipts)
 
     def _shareable_peers(self, asker: Session) -> tuple[PeerAddress, ...]:
-        """The peers the asker may learn of: those in a network it shares with this node."""
-        return tuple(
-            PeerAddress(peer_id=session.peer_id, address=session.address)
+        """This node's own record, then the records of the peers the asker may learn of: linked peers
+        in a network it shares with this node, each record as that peer signed it (and still fresh)."""
+        now = time.time()
+        own = self._own_entry()
+        relayed = [
+            PeerAddress(peer_id=session.peer_id, record=heard.raw)
             for session in self._sessions.routed_sessions()
-            if session.address
+            if (heard := self._direct.get(session.peer_id)) is not None
+            and heard.fresh(now)
             and session.peer_id != asker.peer_id
             and set(asker.networks) & set(session.networks)
-        )[:MAX_PEERS_PER_MESSAGE]
+        ]
+        return (*([own] if own is not None else []), *relayed)[:MAX_PEERS_PER_MESSAGE]
 
     # -- what a node sends on its own ------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""Dialer: keeps dialing the addresses a node wants links to, each with capped exponential backoff."""
+"""Dialer: keeps dialing the addresses a node wants links to, each with capped exponential backoff.
+
+Addresses learned from peers (hints, never linked yet) are dialed at most so many a minute, so a
+node cannot be made to knock on many doors at a relay's word; its bootstrap peers and peers it was
+linked to before are dialed without that limit.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +25,9 @@ DIAL_TICK_S = 0.25
 
 
 FIRST_BACKOFF_S = 0.5
+
+
+MAX_ATTEMPTS = 1024  # addresses whose attempts are remembered; idle ones no longer wanted go first
 
 
 @dataclass
@@ -40,43 +49,99 @@ class _Attempts:
     def succeeded(self, is_self: bool) -> None:
         self.is_self, self.failures = is_self, 0
 
-    def failed(self, max_backoff_s: float) -> float:
+    def failed(self, max_backoff_s: float, now: float) -> float:
         """Count a failure; the backoff before the next attempt, in seconds."""
         self.failures += 1
         backoff = min(max_backoff_s, FIRST_BACKOFF_S * 2 ** (self.failures - 1))
-        self.next_at = time.monotonic() + backoff * random.uniform(0.8, 1.0)
+        self.next_at = now + backoff * random.uniform(0.8, 1.0)
         return backoff
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None or self.task.done()
+
+
+class DialBudget:
+    """At most ``per_minute`` dials in any minute (a sliding window over the clock given)."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._starts: deque[float] = deque()
+
+    def take(self, now: float) -> bool:
+        while self._starts and now - self._starts[0] >= self.WINDOW_S:
+            self._starts.popleft()
+        if len(self._starts) >= self._per_minute:
+            return False
+        self._starts.append(now)
+        return True
 
 
 class Dialer:
     """``wanted()`` names the addresses to dial now; ``dial(address)`` links to one.
 
-    ``dial`` returns False when the address turns out to be this node (it is never dialed again)
-    and raises MycellmError, ValueError or OSError when it fails (the next try backs off).
+    ``hinted()`` names learned addresses, in the order to try them: of those, at most
+    ``max_hint_dials_per_minute`` are dialed a minute (each attempt counts). ``dial`` returns False
+    when the address turns out to be this node (it is never dialed again) and raises MycellmError,
+    ValueError or OSError when it fails (the next try backs off).
     """
 
     def __init__(
-        self, wanted: Callable[[], list[str]], dial: Callable[[str], Awaitable[bool]], max_backoff_s: float
+        self,
+        wanted: Callable[[], list[str]],
+        dial: Callable[[str], Awaitable[bool]],
+        max_backoff_s: float,
+        *,
+        hinted: Callable[[], list[str]] = list,
+        max_hint_dials_per_minute: int = 10,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._wanted = wanted
+        self._hinted = hinted
         self._dial = dial
         self._max_backoff_s = max_backoff_s
+        self._hint_budget = DialBudget(max_hint_dials_per_minute)
+        self._clock = clock
         self._attempts: dict[str, _Attempts] = {}
 
     async def run(self) -> None:
         while True:
-            now = time.monotonic()
-            for address in self._wanted():
-                attempts = self._attempts.setdefault(address, _Attempts())
-                if attempts.due(now):
-                    attempts.start(self._try(address, attempts))
+            self.tick()
             await asyncio.sleep(DIAL_TICK_S)
+
+    def tick(self) -> list[asyncio.Task[None]]:
+        """One round: start every attempt that is due (hints within their budget); the tasks started."""
+        now = self._clock()
+        started: list[asyncio.Task[None]] = []
+        wanted = self._wanted()
+        for address in wanted:
+            started += self._start(address, now, budget=None)
+        for address in self._hinted():
+            if address not in wanted:
+                started += self._start(address, now, budget=self._hint_budget)
+        if len(self._attempts) > MAX_ATTEMPTS:
+            self._attempts = {
+                address: attempts
+                for address, attempts in self._attempts.items()
+                if not attempts.idle or address in wanted
+            }
+        return started
+
+    def _start(self, address: str, now: float, budget: DialBudget | None) -> list[asyncio.Task[None]]:
+        attempts = self._attempts.setdefault(address, _Attempts())
+        if not attempts.due(now) or (budget is not None and not budget.take(now)):
+            return []
+        attempts.start(self._try(address, attempts))
+        assert attempts.task is not None
+        return [attempts.task]
 
     async def _try(self, address: str, attempts: _Attempts) -> None:
         try:
             attempts.succeeded(is_self=not await self._dial(address))
         except (MycellmError, ValueError, OSError) as error:
-            backoff = attempts.failed(self._max_backoff_s)
+            backoff = attempts.failed(self._max_backoff_s, self._clock())
             logger.info("dial %s failed (%s); next try in %.1f s", address, error, backoff)
 
     def stop(self) -> None:

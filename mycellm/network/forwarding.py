@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,24 +27,39 @@ from mycellm.network.messages import (
 from mycellm.network.registry import PeerRegistry
 from mycellm.network.session import Session
 from mycellm.network.stalls import StallClock, probe
+from mycellm.network.usage_check import inflated, within_bounds
 from mycellm.types import (
     CompletionResult,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationChunk,
     GenerationRequest,
+    ModelInfo,
     NetworkId,
     PeerId,
     RequestId,
+    ToolCall,
     Usage,
 )
 
 if TYPE_CHECKING:
-    from mycellm.network.quic import FrameStream
-    from mycellm.network.settlement import NetworkTerms
+    from mycellm.network.quic import FrameStream, PeerLink
+    from mycellm.network.settlement import NetworkTerms, Settler
+    from mycellm.network.spending import Hold
 
 
 logger = logging.getLogger(__name__)
+
+MAX_BROKEN = 1024
+BROKEN_TTL_S = 600.0
+# A broken stream's payment, waiting: (since, link, model, hold, started_ms, settler).
+_Broken = tuple[float, "PeerLink", ModelInfo, "Hold", int, "Settler"]
+
+
+def _size(text: str, tool_calls: tuple[ToolCall, ...]) -> int:
+    return len(text.encode()) + sum(
+        len(call.name.encode()) + len(call.arguments.encode()) for call in tool_calls
+    )
 
 
 class Forwarder:
@@ -67,10 +83,13 @@ class Forwarder:
         self._terms_of = terms_of
         self._outbound = StreamTable(settings.stream_interval_s)
         self._stall_floor_s = settings.stall_floor_s  # the least silence that probes the peer
+        # Streams that broke after sending text: their holds, until the route that resumed them
+        # says what to pay (``settle_broken``), or released after BROKEN_TTL_S.
+        self._broken: OrderedDict[RequestId, _Broken] = OrderedDict()
 
     async def open(self, peer_id: PeerId, request: GenerationRequest, wait_s: float) -> GenerationChunk:
         """Send ``request`` to ``peer_id``; returns its first chunk (errors before output raise)."""
-        await self._send(peer_id, request)
+        await self._send(peer_id, request, streamed=True)
         chunk = await self._outbound.take(request.request_id, wait_s, first=True)
         assert chunk is not None
         return chunk
@@ -85,7 +104,21 @@ class Forwarder:
         await self._send(peer_id, request)
         return await self._outbound.collect(request.request_id)
 
-    async def _send(self, peer_id: PeerId, request: GenerationRequest) -> None:
+    def settle_broken(self, request_id: RequestId, usage: Usage) -> None:
+        """Pay a peer whose stream broke off for what the reader received of it (``usage``, as
+        the route that resumed it counted): signed now, offered when the peer is back if it is not."""
+        broken = self._broken.pop(request_id, None)
+        if broken is not None:
+            link, model, hold, started_ms, settler = broken[1:]
+            settler.pay_later(link, request_id, model, usage, started_ms, hold)
+
+    def _keep_broken(self, request_id: RequestId, broken: _Broken) -> None:
+        self._broken[request_id] = broken
+        while len(self._broken) > MAX_BROKEN:
+            _, (_, _, _, hold, _, settler) = self._broken.popitem(last=False)
+            settler.release_later(request_id, hold)
+
+    async def _send(self, peer_id: PeerId, request: GenerationRequest, streamed: bool = False) -> None:
         """Admit (402 if this node cannot pay), send, and start reading the answer into a stream."""
         terms = self._terms_of(request.network_id)
         request = request.model_copy(update={"network_id": terms.network_id})  # the peer must know
@@ -94,17 +127,55 @@ class Forwarder:
         if claimed is None:
             raise PeerError(f"peer {peer_id[:12]} does not serve {request.model}")
         model, settler = terms.priced(claimed), terms.settler
-        if settler is not None:
-            request = await settler.admit(request, model)
-        started_ms = int(time.time() * 1000)
-        stream = session.link.open_stream()
-        stream.send(InferenceMessage(request=request))
         request_id = RequestId(request.request_id)
+        admission = None if settler is None else await settler.admit(request, model, peer_id)
+        message = (
+            InferenceMessage(request=request)
+            if admission is None
+            else InferenceMessage(
+                request=admission.request,
+                hold=admission.hold.signed,
+                receipts=admission.receipts,
+                releases=admission.releases,
+            )
+        )
+        started_ms = int(time.time() * 1000)
+        try:
+            stream = session.link.open_stream()
+            stream.send(message)
+        except BaseException:
+            if settler is not None and admission is not None:
+                settler.release_later(request_id, admission.hold)
+            raise
+
+        sent = request if admission is None else admission.request
 
         async def receive(buffer: ChunkBuffer) -> None:
-            usage = await self._receive(session, stream, buffer)
-            if settler is not None and usage is not None:
-                settler.pay_later(session.link, request_id, model, usage, started_ms)
+            try:
+                usage, refused = await self._receive(session, stream, buffer, sent)
+            except BaseException:
+                if settler is not None and admission is not None:
+                    if streamed and buffer.produced:  # the reader got text: paid when it resumes
+                        self._keep_broken(
+                            request_id,
+                            (time.monotonic(), session.link, model, admission.hold, started_ms, settler),
+                        )
+                    else:  # nothing reached the reader: the hold ends with a release
+                        settler.release_later(request_id, admission.hold)
+                raise
+            if settler is None or admission is None:
+                return
+            if refused is None:
+                settler.pay_later(session.link, request_id, model, usage, started_ms, admission.hold)
+                return
+            # Inflated usage is never signed: the seeder is told why, and is not paid.
+            logger.warning("peer %s inflated the usage of %s: %s", peer_id[:12], request_id, refused)
+            self._registry.outcome(peer_id, False)
+            self._registry.unpaid(peer_id)
+            session.send(
+                ErrorMessage(code="usage_refused", message=f"request {request_id}: {refused}"[:2000])
+            )
+            settler.release_later(request_id, admission.hold)
 
         self._outbound.start(request_id, receive)
 
@@ -130,20 +201,30 @@ class Forwarder:
         finally:
             stream.end()
 
-    async def _receive(self, session: Session, stream: FrameStream, buffer: ChunkBuffer) -> Usage | None:
-        """Read an answer into ``buffer``: chunks, then a done (its usage returned) or an error.
+    async def _receive(
+        self, session: Session, stream: FrameStream, buffer: ChunkBuffer, request: GenerationRequest
+    ) -> tuple[Usage, str | None]:
+        """Read an answer into ``buffer``: chunks, then a done or an error. Returns the usage the
+        seeder reported and, if it claims more than the answer can hold, why (``usage_check``).
 
         A peer that falls silent for longer than its stream's pace allows is probed; one that does
         not answer the probe fails the answer at once (``stalls``), not at the next heartbeats."""
         peer_id, clock = session.peer_id, StallClock(self._stall_floor_s)
+        received = 0  # bytes of text and tool calls: what the usage must fit
         try:
             while True:
                 message = await self._next_frame(session, stream, clock)
                 match message:
                     case ChunkMessage():
+                        received += _size(message.text, message.tool_calls)
                         buffer.put(GenerationChunk(text=message.text, tool_calls=message.tool_calls))
                     case DoneMessage():
-                        return self._on_done(peer_id, stream, buffer, message)
+                        received += _size(message.text, message.tool_calls)
+                        refused = inflated(request, message.usage, received)
+                        if refused is not None:  # the client is shown what the answer can hold
+                            shown = within_bounds(request, message.usage, received)
+                            message = message.model_copy(update={"usage": shown})
+                        return self._on_done(peer_id, stream, buffer, message), refused
                     case ErrorMessage():
                         raise self._on_error(peer_id, stream, message)
                     case None:
@@ -203,6 +284,10 @@ class Forwarder:
 
     async def reap(self, idle_timeout_s: float) -> None:
         await self._outbound.reap(idle_timeout_s)
+        expired = [key for key, broken in self._broken.items() if time.monotonic() - broken[0] > BROKEN_TTL_S]
+        for request_id in expired:
+            _, _, _, hold, _, settler = self._broken.pop(request_id)
+            settler.release_later(request_id, hold)
 
     async def close(self) -> None:
         await self._outbound.cancel_all()

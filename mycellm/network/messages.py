@@ -53,6 +53,9 @@ MAX_PEERS_PER_MESSAGE = 256
 MAX_NETWORKS_PER_MESSAGE = 32
 
 
+MAX_ADDRESS_RECORD_BYTES = 2048  # a full peer list stays far under the frame cap
+
+
 WirePeerId = Annotated[PeerId, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -73,6 +76,7 @@ ErrorCode = Literal[
     "cancelled",
     "insufficient_credits",
     "receipt_refused",
+    "usage_refused",
     "not_a_member",
     "join_refused",
     "too_many_streams",
@@ -128,6 +132,11 @@ class PongMessage(WireMessage):
 class InferenceMessage(WireMessage):
     kind: ClassVar[str] = "infer"
     request: Annotated[GenerationRequest, AfterValidator(check_generation)]
+    # A paid request: the consumer's signed hold (``mycellm/ledger/spends.py``), and its latest
+    # receipts and releases, so the seeder sees its chain's recent ends before gossip brings them.
+    hold: WireBlob | None = None
+    receipts: tuple[WireBlob, ...] = Field(default=(), max_length=8)
+    releases: tuple[WireBlob, ...] = Field(default=(), max_length=8)
 
 
 class EmbedMessage(WireMessage):
@@ -188,10 +197,27 @@ class ReceiptsMessage(WireMessage):
     receipts: tuple[WireBlob, ...] = Field(default=(), max_length=64)
 
 
+SpendKind = Literal["hold", "release", "receipt"]
+
+
+class FraudProofMessage(WireMessage):
+    """Two statements of one account's spend chain that contradict each other
+    (``mycellm/ledger/spends.py``): anyone can check them, and every node refuses the account."""
+
+    kind: ClassVar[str] = "fraud"
+    first_kind: SpendKind
+    first: WireBlob
+    second_kind: SpendKind
+    second: WireBlob
+
+
 class PeerAddress(BaseModel):
+    """A peer's signed address record (``mycellm/network/peer_addresses.py``), relayed verbatim;
+    ``peer_id`` lets a receiver skip peers it knows before checking any signature."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     peer_id: WirePeerId
-    address: str = Field(max_length=300)
+    record: bytes = Field(max_length=MAX_ADDRESS_RECORD_BYTES)
 
 
 class PeersRequestMessage(WireMessage):
@@ -260,6 +286,7 @@ MESSAGE_TYPES: dict[str, type[WireMessage]] = {
         ReceiptOfferMessage,
         ReceiptMessage,
         ReceiptsMessage,
+        FraudProofMessage,
         JoinRequestMessage,
         JoinedMessage,
         NetworkNewsMessage,
@@ -277,6 +304,7 @@ CONTROL_KINDS: frozenset[str] = frozenset(
         PeersRequestMessage,
         PeersMessage,
         ReceiptsMessage,
+        FraudProofMessage,
         RevocationsMessage,
         NetworkNewsMessage,
         ErrorMessage,
@@ -320,6 +348,7 @@ WIRE_ERRORS: dict[ErrorCode, WireError] = {
     "cancelled": WireError(RequestCancelledError, request_fault=True),
     "insufficient_credits": WireError(PaymentRequiredError, request_fault=True, param="balance"),
     "receipt_refused": WireError(ReceiptError, request_fault=True),
+    "usage_refused": WireError(ProtocolError),  # a consumer's word to its seeder, on the control stream
     # A peer that is not (or no longer) in the request's network: another route may serve it.
     "not_a_member": WireError(FederationError),
     "join_refused": WireError(MembershipError, request_fault=True),

@@ -26,7 +26,8 @@ from mycellm.federation.memberships import MembershipCertificate
 from mycellm.identity.keys import NodeIdentity
 from mycellm.ledger.pricing import PriceTable
 from mycellm.ledger.receipts import Receipt, ReceiptTerms
-from mycellm.network.messages import HelloMessage, NetworkNewsMessage, ReceiptsMessage
+from mycellm.network.messages import FraudProofMessage, HelloMessage, NetworkNewsMessage, ReceiptsMessage
+from mycellm.network.peer_log import PEER_LOG
 from mycellm.network.quic import PeerLink
 from mycellm.network.registry import PeerRegistry
 from mycellm.network.session import Session, SessionTable
@@ -122,6 +123,13 @@ class NetworkLinks:
                 self._registry,
                 on_settled=lambda receipt, source: self._sessions.broadcast(
                     ReceiptsMessage(receipts=(receipt,)), skip=source, network_id=network_id
+                ),
+                on_fraud=lambda proof, source: self._sessions.broadcast(
+                    FraudProofMessage(
+                        first_kind=proof[0], first=proof[1], second_kind=proof[2], second=proof[3]
+                    ),
+                    skip=source,
+                    network_id=network_id,
                 ),
             )
         self._terms[network_id] = NetworkTerms(network_id, dict(network.description.model_tiers), settler)
@@ -228,14 +236,26 @@ class NetworkLinks:
                 if description.network_id in session.networks and self.held.accept_description(description):
                     news.descriptions.append(description)
             except FederationError as error:
-                logger.warning("a description from %s was refused: %s", session.peer_id[:12], error.message)
+                PEER_LOG.warning(
+                    logger,
+                    session.peer_id,
+                    "a description from %s was refused: %s",
+                    session.peer_id[:12],
+                    error.message,
+                )
         for data in message.revocations:
             try:
                 revocations = MemberRevocationList.from_bytes(data)
                 if revocations.network_id in session.networks and self.held.accept_revocations(revocations):
                     news.revocations.append(revocations)
             except FederationError as error:
-                logger.warning("revocations from %s were refused: %s", session.peer_id[:12], error.message)
+                PEER_LOG.warning(
+                    logger,
+                    session.peer_id,
+                    "revocations from %s were refused: %s",
+                    session.peer_id[:12],
+                    error.message,
+                )
         await self.spread(news, source=session.peer_id)
 
     def _peer_renewed(self, session: Session, data: bytes) -> None:
@@ -243,7 +263,13 @@ class NetworkLinks:
         try:
             certificate = MembershipCertificate.from_bytes(data)
         except FederationError as error:
-            logger.warning("a membership from %s was refused: %s", session.peer_id[:12], error.message)
+            PEER_LOG.warning(
+                logger,
+                session.peer_id,
+                "a membership from %s was refused: %s",
+                session.peer_id[:12],
+                error.message,
+            )
             return
         network_id = NetworkId(certificate.network_id)
         held = session.networks.get(network_id)
@@ -284,6 +310,14 @@ class NetworkLinks:
         renewal = NetworkNewsMessage(memberships=(membership.to_bytes(),))
         self._sessions.broadcast(renewal, network_id=network.network_id)
         return self.held.get(network.network_id) or network
+
+    def observe_fraud(self, session: Session, message: FraudProofMessage) -> None:
+        """A fraud proof a peer passed on, to the settler of each network the link serves."""
+        proof = (message.first_kind, message.first, message.second_kind, message.second)
+        for network_id in session.networks:
+            terms = self._terms.get(network_id)
+            if terms is not None and terms.settler is not None:
+                terms.settler.observe_fraud(proof, session.peer_id)
 
     def observe(self, session: Session, receipts: tuple[bytes, ...]) -> None:
         """Receipts a peer passed on, each to its own network's settler (of networks the link serves)."""

@@ -143,6 +143,8 @@ class _LinkProtocol(QuicConnectionProtocol):
         self.limits = endpoint.limits
         self.link: PeerLink | None = None
         self.verified: asyncio.Future[PeerLink] = asyncio.get_running_loop().create_future()
+        # A refused inbound link's future is awaited by no one: its exception is read here.
+        self.verified.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._readers: dict[int, FrameReader] = {}
         self._finished: set[int] = set()  # peer streams this node is done with that aioquic still has
         self.liveness = Liveness()  # any datagram of the peer (an ACK is one): it is alive

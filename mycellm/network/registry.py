@@ -90,7 +90,11 @@ class _RegistryFile(BaseModel):
 
 
 class PeerRegistry:
-    """In memory, saved to ``path`` as JSON (atomically) when the owner calls ``save``."""
+    """In memory, saved to ``path`` as JSON (atomically) when the owner calls ``save``.
+
+    Only peers this node was linked to get a record (the address is the one their link gave);
+    addresses other peers relay are hints, kept apart and bounded (``peer_hints``).
+    """
 
     def __init__(self, path: Path | None = None, half_life_s: float = 7 * 86400) -> None:
         self._path = path
@@ -253,15 +257,10 @@ class PeerRegistry:
         """A receipt settled for a request we served this peer."""
         self._count(peer_id, now, consumed_credits=credits, receipts_honoured=1.0)
 
+    def unpaid_work(self, peer_id: str, credits: float, now: float | None = None) -> None:
+        """Work served to this peer whose receipt never came: consumed all the same, and a miss."""
+        self._count(peer_id, now, consumed_credits=credits, receipts_missed=1.0)
+
     def unpaid(self, peer_id: str, now: float | None = None) -> None:
         """A receipt exchange with this peer failed or was refused."""
         self._count(peer_id, now, receipts_missed=1.0)
-
-    def learn(self, peer_id: str, address: str, now: float | None = None) -> bool:
-        """A peer's listen address heard from another peer; True if it is new to the registry."""
-        current = self._records.get(peer_id)
-        if current is not None and current.address == address:
-            return False
-        now = time.time() if now is None else now
-        self._put(self._current(peer_id, now).model_copy(update={"address": address}))
-        return current is None

@@ -23,7 +23,7 @@ from mycellm.identity.certificates import DeviceCertificate
 from mycellm.identity.keys import NodeIdentity
 from mycellm.identity.revocation_keeper import RevocationKeeper
 from mycellm.network.control import ControlChannel
-from mycellm.network.dialer import Dialer
+from mycellm.network.dial_targets import DialTargets
 from mycellm.network.forwarding import Forwarder
 from mycellm.network.hello import HELLO_TIMEOUT_S, HelloChecker, accept_hello, make_hello, offer_hello, refuse
 from mycellm.network.hello import close_if_silent as _close_if_silent
@@ -31,6 +31,8 @@ from mycellm.network.joining import Joins
 from mycellm.network.link_views import LinkedPeer, describe_links, linked_peers
 from mycellm.network.messages import HelloMessage, JoinRequestMessage, PeersRequestMessage
 from mycellm.network.network_links import KeeperFactory, NetworkLinks
+from mycellm.network.peer_addresses import OwnAddress
+from mycellm.network.peer_hints import PeerHints
 from mycellm.network.quic import FrameStream, LinkLimits, PeerLink, QuicEndpoint
 from mycellm.network.registry import PeerRegistry
 from mycellm.network.serving import LocalServer, RequestServer
@@ -45,6 +47,7 @@ from mycellm.types import (
     NetworkId,
     PeerId,
     RequestId,
+    Usage,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ class PeerService:
         self._joins = Joins(settings, identity, self.endpoint, self.networks)
         self._forwarder = Forwarder(self.session, self.registry, settings, self.networks.terms)
         self._requests = RequestServer(local, self.networks.link_terms)
+        own = OwnAddress(identity, lambda: self.address)
+        self.hints = PeerHints.of(settings, self.revocations.is_revoked)
         self._control = ControlChannel(
             self.peer_id,
             self._sessions,
@@ -110,8 +115,11 @@ class PeerService:
             load=lambda: self.load,
             on_change=self._on_change,
             drop=self._drop,
+            hints=self.hints,
+            own_entry=own.entry,
         )
-        self._dialer = Dialer(self._wanted, self._dial, settings.reconnect_max_backoff_s)
+        self._targets = DialTargets(settings, own, self._sessions, self.registry, self.networks, self.hints)
+        self._dialer = self._targets.dialer(self._dial)
         self._tasks: list[asyncio.Task[None]] = []
         self.address: str | None = settings.resolved_advertise_address
         self.port = 0
@@ -161,6 +169,9 @@ class PeerService:
 
     async def cancel(self, request_id: RequestId) -> bool:
         return await self._forwarder.cancel(request_id)
+
+    def settle_broken(self, request_id: RequestId, usage: Usage) -> None:
+        self._forwarder.settle_broken(request_id, usage)
 
     async def complete(self, peer_id: PeerId, request: GenerationRequest) -> CompletionResult:
         return await self._forwarder.complete(peer_id, request)
@@ -239,6 +250,7 @@ class PeerService:
                 return keep
             self._drop(existing, "duplicate link")
         self._sessions.route(session)
+        self.hints.forget(link.peer_id)
         self.registry.connected(
             link.peer_id,
             account_id=link.certificate.account_id,
@@ -301,30 +313,8 @@ class PeerService:
 
     # -- dialing ------------------------------------------------------------------------------
 
-    def _wanted(self) -> list[str]:
-        served = self._sessions.served_sessions()
-        linked = {session.address for session in served} | {
-            join_address(*session.link.remote_address) for session in served if session.link.dialed
-        }
-        bootstrap = [*self._settings.bootstrap_peers]
-        for network in self.networks.held.networks():
-            bootstrap += [item for item in network.description.bootstrap if item not in bootstrap]
-        wanted = [address for address in bootstrap if address not in linked and address != self.address]
-        room = self._settings.max_peers - len(self._sessions)
-        for record in self.registry.records():
-            if room <= len(wanted):
-                break
-            if (
-                record.address
-                and self._sessions.routed(PeerId(record.peer_id)) is None
-                and record.peer_id != self.peer_id
-                and record.address not in linked
-                and record.address != self.address
-            ):
-                wanted.append(record.address)
-        return wanted
-
     async def _dial(self, address: str, join: bool = True) -> bool:
+        self.hints.dialed(address)  # a learned address is tried a few times at most
         host, port = split_address(address)
         link = await self.endpoint.connect(host, port, DIAL_TIMEOUT_S)
         if link.peer_id == self.peer_id:

@@ -37,6 +37,7 @@ from mycellm.types import (
 
 if TYPE_CHECKING:
     from mycellm.network.quic import FrameStream, PeerLink
+    from mycellm.network.seeding import HoldTerms
     from mycellm.network.settlement import NetworkTerms, Settler
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,9 @@ class RequestServer:
         except ProtocolError as error:
             if error.recoverable:  # the transport already answered it with an error frame
                 stream.end()
+            elif error.code == "unexpected":  # a well-formed frame of the wrong kind: say so
+                with contextlib.suppress(MycellmError):
+                    stream.send(error_message(error), end=True)
             else:
                 stream.reset()
         except MycellmError as error:
@@ -162,7 +166,7 @@ class RequestServer:
             raise ProtocolError(f"a request stream cannot open with {first.kind}", code="unexpected")
         match first:
             case InferenceMessage():
-                await self._generate(link, stream, first.request)
+                await self._generate(link, stream, first)
             case EmbedMessage():
                 await self._embed(link, stream, first.request)
             case ReceiptOfferMessage():
@@ -182,14 +186,16 @@ class RequestServer:
         receipt = await settler.countersign_offer(link, offer)
         stream.send(ReceiptMessage(receipt=receipt.to_bytes()), end=True)
 
-    async def _generate(self, link: PeerLink, stream: FrameStream, request: GenerationRequest) -> None:
+    async def _generate(self, link: PeerLink, stream: FrameStream, message: InferenceMessage) -> None:
+        request = message.request
         terms = self._terms_of(link, request.network_id)
         local = next((info for info in self._local.models() if info.name == request.model), None)
         if local is None:
             raise ModelNotFoundError(f"The model '{request.model}' is not served by this node", param="model")
         model, settler = terms.priced(local), terms.settler
-        if settler is not None:
-            await settler.check_consumer(link.certificate, request, model)
+        hold = None if settler is None else await settler.check_consumer(link.certificate, message, model)
+        if settler is not None:  # kept before any work: a restart still knows what it owes
+            await settler.start_serving(link, request, model, hold)
         serving = asyncio.current_task()
         assert serving is not None
         finished = asyncio.Event()  # set once the answer is complete: a late cancel changes nothing
@@ -199,7 +205,7 @@ class RequestServer:
                 async for chunk in chunks:
                     if chunk.is_final:
                         finished.set()
-                        self._finish(link, stream, settler, RequestId(request.request_id), model, chunk)
+                        self._finish(link, stream, settler, RequestId(request.request_id), model, chunk, hold)
                         return
                     if chunk.text or chunk.tool_calls:
                         stream.send(ChunkMessage(text=chunk.text, tool_calls=chunk.tool_calls))
@@ -216,10 +222,11 @@ class RequestServer:
         request_id: RequestId,
         model: ModelInfo,
         chunk: GenerationChunk,
+        hold: HoldTerms | None,
     ) -> None:
         assert chunk.finish_reason is not None and chunk.usage is not None
         if settler is not None:
-            settler.served(request_id, link.certificate, model, chunk.usage)
+            settler.served(link, request_id, model, chunk.usage, hold)
         stream.send(
             DoneMessage(
                 text=chunk.text,

@@ -18,19 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, get_args, runtime_checkable
+from typing import TYPE_CHECKING, Any, get_args
 
 from mycellm.config import Tier
-from mycellm.errors import MycellmError, PaymentRequiredError, PeerError, ReceiptError
-from mycellm.identity.certificates import DeviceCertificate
+from mycellm.errors import MycellmError, PeerError, ReceiptError
 from mycellm.identity.keys import NodeIdentity
-from mycellm.ledger.credits import unaffordable
 from mycellm.ledger.pricing import PriceTable, credits
-from mycellm.ledger.receipts import Receipt, ReceiptTerms, countersign, draft_terms, sign_as_consumer
+from mycellm.ledger.receipts import Receipt, ReceiptTerms, draft_terms, sign_as_consumer
+from mycellm.ledger.spend_book import Proof
+from mycellm.network.credit_keeper import CreditKeeper, FraudListener, ReceiptListener
 from mycellm.network.messages import ErrorMessage, ReceiptMessage, ReceiptOfferMessage, error_from_message
+from mycellm.network.peer_log import PEER_LOG
 from mycellm.network.registry import PeerRegistry
+from mycellm.network.seeding import REMEMBERED_REQUESTS, SeederSide, Served, estimate_prompt_tokens
+from mycellm.network.spending import Hold, SpendClerk
 from mycellm.types import AccountId, GenerationRequest, ModelInfo, NetworkId, PeerId, RequestId, Usage
 
 if TYPE_CHECKING:
@@ -44,50 +47,6 @@ RECEIPT_TIMEOUT_S = 10.0
 
 
 PAY_ATTEMPTS = 3
-
-
-REMEMBERED_REQUESTS = 4096
-
-
-@runtime_checkable
-class CreditKeeper(Protocol):
-    """The node's ledger, as settlement needs it: a CreditBook, or the Ledger actor that owns one."""
-
-    async def balance(self, account_id: AccountId) -> int: ...
-
-    async def join(self, account_id: AccountId) -> int: ...
-
-    async def record_receipt(self, receipt: Receipt, *, observed: bool = False) -> bool: ...
-
-    async def remember_offer(
-        self, request_id: RequestId, peer_id: PeerId, terms: bytes, signature: bytes
-    ) -> None: ...
-
-    async def pending_offers(self, peer_id: PeerId) -> list[tuple[RequestId, bytes, bytes]]: ...
-
-    async def forget_offer(self, request_id: RequestId) -> None: ...
-
-    async def receipt(self, request_id: RequestId) -> bytes | None: ...
-
-
-# Told of every receipt settled here: (the receipt, the peer it came from or None), to pass it on.
-ReceiptListener = Callable[[bytes, PeerId | None], None]
-
-
-def estimate_prompt_tokens(request: GenerationRequest) -> int:
-    """An upper-leaning guess before tokenizing (3 characters a token, plus the chat template)."""
-    text = request.prompt or ""
-    messages = request.messages or ()
-    characters = len(text) + sum(len(str(message.get("content") or "")) for message in messages)
-    return characters // 3 + 8 * len(messages) + 1
-
-
-@dataclass(frozen=True, slots=True)
-class _Served:
-    consumer: bytes
-    model: str
-    tier: str | None
-    usage: Usage
 
 
 UNLISTED_TIER = "tiny"
@@ -113,11 +72,22 @@ class NetworkTerms:
         return model if model.tier == tier else model.model_copy(update={"tier": tier})
 
 
-class Settler:
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request this node may send: bounded, with its signed hold and the chain's recent ends."""
+
+    request: GenerationRequest
+    hold: Hold
+    receipts: tuple[bytes, ...]
+    releases: tuple[bytes, ...]
+
+
+class Settler(SeederSide):
     """Admits and pays for this node's requests to peers, and gets paid for the requests it serves.
 
     ``keeper`` is the node's ledger; ``registry`` counts receipts honoured and missed per peer;
-    ``on_settled`` hears of every receipt settled here, so it can be passed on to the network.
+    ``on_settled`` hears of every receipt settled here, and ``on_fraud`` of every fraud proof found
+    or heard here, so they can be passed on to the network.
     """
 
     def __init__(
@@ -128,6 +98,7 @@ class Settler:
         keeper: CreditKeeper,
         registry: PeerRegistry | None = None,
         on_settled: ReceiptListener | None = None,
+        on_fraud: FraudListener | None = None,
     ) -> None:
         self.identity = identity
         self.registry = registry or PeerRegistry()
@@ -135,7 +106,10 @@ class Settler:
         self.network_id = network_id
         self._keeper = keeper
         self._on_settled: ReceiptListener = on_settled or (lambda receipt, source: None)
-        self._served: OrderedDict[RequestId, _Served] = OrderedDict()
+        self._on_fraud: FraudListener = on_fraud or (lambda proof, source: None)
+        self._served: OrderedDict[RequestId, Served] = OrderedDict()
+        self._dues: dict[RequestId, asyncio.TimerHandle] = {}
+        self._clerk = SpendClerk(identity, network_id, keeper)
         self._receipts: OrderedDict[RequestId, bytes] = OrderedDict()
         self._payments: set[asyncio.Task[None]] = set()
         self._members: set[str] = set()  # accounts joined in these books already (no grant twice anyway)
@@ -176,13 +150,15 @@ class Settler:
         self.prices = prices
         if keeper is not None:
             self._keeper = keeper
+            self._clerk = SpendClerk(self.identity, NetworkId(self.network_id), keeper)
             self._members.clear()
             self._join_own_account()
 
     # -- consumer -------------------------------------------------------------------------------
 
-    async def admit(self, request: GenerationRequest, model: ModelInfo) -> GenerationRequest:
-        """402 before any work if this node cannot pay the most this request may cost.
+    async def admit(self, request: GenerationRequest, model: ModelInfo, seeder: PeerId) -> Admission:
+        """402 before any work if this node cannot pay the most this request may cost, less what
+        its open holds may still take; else the request (bounded) with its signed hold.
 
         An open max_tokens is priced, and bounded, at what the model may generate for it."""
         await self._member(self.identity.account_id)
@@ -190,11 +166,21 @@ class Settler:
         prompt = estimate_prompt_tokens(request)
         tokens = self.admission_tokens(request, model, prompt)
         price = self.prices.price(model.name, model.tier, prompt, tokens)
-        if price > balance:
-            raise unaffordable(balance, price)
-        return (
+        receipts, releases = await self._clerk.recent_ends()
+        hold = await self._clerk.hold(RequestId(request.request_id), seeder, price, balance)
+        bounded = (
             request if request.max_tokens is not None else request.model_copy(update={"max_tokens": tokens})
         )
+        return Admission(bounded, hold, receipts, releases)
+
+    def release_later(self, request_id: RequestId, hold: Hold) -> None:
+        """End a hold with nothing owed, in the background (the request failed before any usage)."""
+        self._background(self._clerk.release(request_id, hold))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._payments.add(task)
+        task.add_done_callback(self._payments.discard)
 
     def admission_tokens(self, request: GenerationRequest, model: ModelInfo, prompt: int) -> int:
         """The completion tokens a request is priced at: its max_tokens, else the room the model's
@@ -205,16 +191,27 @@ class Settler:
         return max(1, min(cap, (model.context_tokens or cap) - prompt))
 
     def pay_later(
-        self, link: PeerLink, request_id: RequestId, model: ModelInfo, usage: Usage, started_ms: int
+        self,
+        link: PeerLink,
+        request_id: RequestId,
+        model: ModelInfo,
+        usage: Usage,
+        started_ms: int,
+        hold: Hold,
     ) -> None:
         """Settle in the background: the client has its answer already."""
-        task = asyncio.get_running_loop().create_task(self.pay(link, request_id, model, usage, started_ms))
-        self._payments.add(task)
-        task.add_done_callback(self._payments.discard)
+        self._background(self.pay(link, request_id, model, usage, started_ms, hold))
 
     async def pay(
-        self, link: PeerLink, request_id: RequestId, model: ModelInfo, usage: Usage, started_ms: int
+        self,
+        link: PeerLink,
+        request_id: RequestId,
+        model: ModelInfo,
+        usage: Usage,
+        started_ms: int,
+        hold: Hold | None = None,
     ) -> None:
+        usage = usage.billed  # a resumed answer's continuation was prompt to this seeder
         terms = draft_terms(
             self.prices,
             request_id=request_id,
@@ -226,17 +223,16 @@ class Settler:
             consumer=self.identity.certificate,
             seeder=link.certificate,
             started_at_ms=started_ms,
+            hold=None if hold is None else hold.terms,
         )
         encoded, signature = sign_as_consumer(terms, self.identity)
         # Kept before it leaves: a crash before the receipt comes back retries it after restart.
         await self._keeper.remember_offer(request_id, link.peer_id, encoded, signature)
-        await self._deliver(link, terms, encoded, signature)
+        await self._deliver(link, terms, encoded, signature, hold)
 
     def retry_pending(self, link: PeerLink) -> None:
         """Offer again, in the background, every receipt ``link``'s peer still owes this node."""
-        task = asyncio.get_running_loop().create_task(self._retry(link))
-        self._payments.add(task)
-        task.add_done_callback(self._payments.discard)
+        self._background(self._retry(link))
 
     async def _retry(self, link: PeerLink) -> None:
         # A new link admitted in this network: the gate checked its membership, so it is a member.
@@ -245,13 +241,17 @@ class Settler:
             logger.info("offering the receipt of %s to %s again", request_id, link.peer_id[:12])
             await self._deliver(link, ReceiptTerms.from_bytes(encoded), encoded, signature)
 
-    async def _deliver(self, link: PeerLink, terms: ReceiptTerms, encoded: bytes, signature: bytes) -> None:
+    async def _deliver(
+        self, link: PeerLink, terms: ReceiptTerms, encoded: bytes, signature: bytes, hold: Hold | None = None
+    ) -> None:
         request_id = RequestId(terms.request_id)
         for attempt in range(PAY_ATTEMPTS):
             try:
                 receipt = await self._exchange(link, encoded, signature)
                 await self._member(link.certificate.account_id)  # the seeder of a link in this network
                 await self._keeper.record_receipt(receipt)
+                await self._pass_on_proofs(None)
+                self._clerk.settled(request_id)
                 self.registry.paid(link.peer_id, credits(terms.price), terms.completion_tokens)
                 self._on_settled(receipt.to_bytes(), link.peer_id)
                 return
@@ -259,6 +259,8 @@ class Settler:
                 logger.warning("receipt %s refused: %s", request_id, error.message)
                 await self._keeper.forget_offer(request_id)
                 self.registry.unpaid(link.peer_id)
+                if hold is not None:  # refused: nothing is owed under this hold
+                    await self._clerk.release(request_id, hold)
                 return
             except MycellmError as error:
                 logger.warning("receipt %s not settled (try %d): %s", request_id, attempt + 1, error.message)
@@ -284,9 +286,7 @@ class Settler:
 
     def observe(self, receipts: tuple[bytes, ...], source: PeerId) -> None:
         """Record receipts a peer passed on, and pass on those new to this node."""
-        task = asyncio.get_running_loop().create_task(self._observe(receipts, source))
-        self._payments.add(task)
-        task.add_done_callback(self._payments.discard)
+        self._background(self._observe(receipts, source))
 
     async def _observe(self, receipts: tuple[bytes, ...], source: PeerId) -> None:
         for encoded in receipts:
@@ -294,77 +294,32 @@ class Settler:
                 if await self._keeper.record_receipt(Receipt.from_bytes(encoded), observed=True):
                     self._on_settled(encoded, source)
             except MycellmError as error:
-                logger.warning("a receipt from %s was refused: %s", source[:12], error.message)
+                PEER_LOG.warning(
+                    logger, source, "a receipt from %s was refused: %s", source[:12], error.message
+                )
+        await self._pass_on_proofs(None)
+
+    def observe_fraud(self, proof: Proof, source: PeerId) -> None:
+        """Keep a fraud proof a peer passed on, and pass it on if it is new and checks out."""
+        self._background(self._observe_fraud(proof, source))
+
+    async def _observe_fraud(self, proof: Proof, source: PeerId) -> None:
+        try:
+            if await self._keeper.record_fraud(proof):
+                self._on_fraud(proof, source)
+        except MycellmError as error:
+            PEER_LOG.warning(
+                logger, source, "a fraud proof from %s was refused: %s", source[:12], error.message
+            )
+
+    async def _pass_on_proofs(self, source: PeerId | None) -> None:
+        """Pass on the fraud proofs this node's books found since the last look."""
+        try:
+            for proof in await self._keeper.take_proofs():
+                self._on_fraud(proof, source)
+        except MycellmError as error:
+            logger.warning("could not read the fraud proofs: %s", error.message)
 
     async def drain(self) -> None:
         if self._payments:
             await asyncio.gather(*self._payments, return_exceptions=True)
-
-    # -- seeder ---------------------------------------------------------------------------------
-
-    async def check_consumer(
-        self, consumer: DeviceCertificate, request: GenerationRequest, model: ModelInfo
-    ) -> None:
-        """402 if the consumer cannot pay for this request, as this node's ledger knows it."""
-        if consumer.account_id == self.identity.account_id:
-            return  # a device of our own account: free
-        policy = self.prices.settings
-        record = self.registry.reputation_of(consumer.peer_id)
-        if record is not None and record.freeloading(policy.grace_credits, policy.max_consume_ratio):
-            raise PaymentRequiredError(
-                f"refused: this peer consumed {record.consumed_credits:.4f} credits from this node and served it "
-                f"{record.served_us_credits:.4f}; serve more than 1/{policy.max_consume_ratio:g} of what you consume",
-                code="consumer_refused",
-            )
-        await self._member(consumer.account_id)  # the link serving this network proved its membership
-        balance = await self._keeper.balance(AccountId(consumer.account_id))
-        prompt = estimate_prompt_tokens(request)
-        price = self.prices.price(
-            model.name, model.tier, prompt, self.admission_tokens(request, model, prompt)
-        )
-        if price > balance:
-            raise unaffordable(balance, price)
-
-    def served(
-        self, request_id: RequestId, consumer: DeviceCertificate, model: ModelInfo, usage: Usage
-    ) -> None:
-        if consumer.account_id == self.identity.account_id:
-            return
-        self._served[request_id] = _Served(consumer.to_bytes(), model.name, model.tier, usage)
-        while len(self._served) > REMEMBERED_REQUESTS:
-            self._served.popitem(last=False)
-
-    async def countersign_offer(self, link: PeerLink, offer: ReceiptOfferMessage) -> Receipt:
-        """Check the consumer's terms against what this node served it, countersign and record."""
-        terms = ReceiptTerms.from_bytes(offer.terms)
-        request_id = RequestId(terms.request_id)
-        settled = self._receipts.get(request_id) or await self._keeper.receipt(request_id)
-        if settled is not None:  # a retry of a receipt already settled here
-            receipt = Receipt.from_bytes(settled)
-            if receipt.terms == offer.terms and receipt.consumer_signature == offer.consumer_signature:
-                return receipt
-        served = self._served.get(request_id)
-        if (
-            served is None
-            or served.consumer != link.certificate.to_bytes()
-            or terms.consumer != served.consumer
-        ):
-            raise ReceiptError(
-                f"this node served no request {terms.request_id} to this peer", code="receipt_unjustified"
-            )
-        claimed = (terms.model, terms.tier, terms.prompt_tokens, terms.completion_tokens)
-        actual = (served.model, served.tier, served.usage.prompt_tokens, served.usage.completion_tokens)
-        if claimed != actual:
-            raise ReceiptError(
-                f"terms {claimed} do not match what was served {actual}", code="receipt_unjustified"
-            )
-        receipt = countersign(offer.terms, offer.consumer_signature, self.identity)
-        await self._member(self.identity.account_id)
-        await self._keeper.record_receipt(receipt)
-        self.registry.earned(link.peer_id, credits(terms.price))
-        self._on_settled(receipt.to_bytes(), link.peer_id)
-        self._served.pop(request_id, None)
-        self._receipts[request_id] = receipt.to_bytes()
-        while len(self._receipts) > REMEMBERED_REQUESTS:
-            self._receipts.popitem(last=False)
-        return receipt

@@ -42,6 +42,9 @@ class RouteTarget(Protocol):
 
     def cancel(self, request_id: RequestId) -> None: ...  # best effort, returns at once
 
+    # Pay a route that broke mid-stream for what the reader received of it (best effort, at once).
+    def settle_broken(self, request_id: RequestId, usage: Usage) -> None: ...
+
     async def complete(self, request: GenerationRequest) -> CompletionResult: ...
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
@@ -127,6 +130,25 @@ async def embed_on(
     return result, route
 
 
+def settle_broken(broken: list[tuple[RouteTarget, RequestId, int]], usage: Usage) -> None:
+    """Bill each route that broke mid-stream for its share of the continuation the last route was
+    given (``usage.continuation_tokens``, split by the characters each sent): the prompt, and the
+    text of the routes before it, as prompt; its own text as completion."""
+    characters = sum(sent for _, _, sent in broken)
+    if not broken or characters == 0:
+        return
+    given, left = usage.prompt_tokens, usage.continuation_tokens
+    for index, (target, request_id, sent) in enumerate(broken):
+        share = left if index == len(broken) - 1 else round(usage.continuation_tokens * sent / characters)
+        share = min(share, left)
+        left -= share
+        try:
+            target.settle_broken(request_id, Usage(prompt_tokens=given, completion_tokens=share))
+        except Exception as error:  # best effort: the route is gone or unreachable
+            logger.warning("could not settle the broken part %s: %s", request_id, error)
+        given += share
+
+
 class RoutedStream:
     """A streamed generation on the best route that opens, resumed on the next if it breaks.
 
@@ -191,6 +213,9 @@ class RoutedStream:
         chunk, route = self._first, self.route
         remaining = self._routes[self._routes.index(route) + 1 :]
         produced: list[str] = []
+        # Routes that broke, and what they sent; where the current route's text starts in produced.
+        broken: list[tuple[RouteTarget, RequestId, int]] = []
+        segment_start = 0
         tool_calls_sent = False
         checked_at = sent_at = time.monotonic()
         try:
@@ -203,6 +228,7 @@ class RoutedStream:
                             self.finished = True
                             if chunk.usage is not None:
                                 self._progress.count(chunk.usage)
+                                settle_broken(broken, chunk.usage)
                         yield chunk
                         sent_at = time.monotonic()
                     if chunk.is_final:
@@ -227,19 +253,25 @@ class RoutedStream:
                         "route %s:%s broke mid-stream: %s", route.kind, route.target, error.message
                     )
                     self._on_failure(route, error)
-                    attempt = len(self._routes) - len(remaining)
-                    resumed = self._generation.model_copy(
-                        update={
-                            "request_id": f"{self._generation.request_id}-r{attempt}",
-                            "continuation": "".join(produced),
-                        }
-                    )
-                    chunk, route = await self._open_on(resumed, remaining)
-                    self.route = route
-                    remaining = remaining[remaining.index(route) + 1 :]
+                    broken.append((target, current, sum(map(len, produced[segment_start:]))))
+                    segment_start = len(produced)
+                    chunk, route, remaining = await self._resume("".join(produced), remaining)
         finally:
             if not self.finished:
                 self.cancel()
+
+    async def _resume(
+        self, continuation: str, remaining: list[Route]
+    ) -> tuple[GenerationChunk, Route, list[Route]]:
+        """Go on from ``continuation`` on the best of ``remaining``: its first chunk, the route, and
+        the routes left after it."""
+        attempt = len(self._routes) - len(remaining)
+        resumed = self._generation.model_copy(
+            update={"request_id": f"{self._generation.request_id}-r{attempt}", "continuation": continuation}
+        )
+        chunk, route = await self._open_on(resumed, remaining)
+        self.route = route
+        return chunk, route, remaining[remaining.index(route) + 1 :]
 
     def cancel(self) -> None:
         """Stop the generation on the route serving it now (best effort; idempotent)."""
