@@ -155,7 +155,13 @@ async def test_each_seeder_is_paid_for_what_it_produced(
         await b.start()
         await b.connect(f"127.0.0.1:{a.port}")
         await wait_for(lambda: b_book.is_settled(RequestId("billed-1")), 20, "B's receipt after its restart")
-        assert await a_book.pending_offers(b.peer_id) == []
+
+        async def paid_on_a() -> bool:
+            return await a_book.is_settled(RequestId("billed-1")) and not await a_book.pending_offers(
+                b.peer_id
+            )
+
+        await wait_for(paid_on_a, 10, "A's copy of B's receipt")
         for store, book in ((stores["a"], a_book), (stores["b"], b_book), (stores["c"], c_book)):
             report = await audit(store.engine, book.prices, book.network_id)
             assert report.ok, report.problems[:5]
