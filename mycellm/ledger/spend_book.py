@@ -7,12 +7,13 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from mycellm.errors import ReceiptError
-from mycellm.ledger.credit_tables import ParkedReceiptRow, SpendFraudRow, SpendRow
+from mycellm.ledger.credit_tables import ParkedReceiptRow, ReceiptRow, SpendFraudRow, SpendRow
 from mycellm.ledger.spends import Kind, Spend, check_spend, evidence_spend
 from mycellm.ledger.store import INSERTS
 from mycellm.types import AccountId, NetworkId
@@ -55,16 +56,28 @@ async def _known(
     for spend in spends:
         wanted.setdefault(spend.account_id, set()).update((spend.seq - 1, spend.seq, spend.seq + 1))
     known: dict[tuple[str, int], list[Spend]] = {}
+    columns = (
+        SpendRow.kind,
+        SpendRow.seq,
+        SpendRow.request_id,
+        SpendRow.held_before,
+        SpendRow.max_price,
+        SpendRow.evidence,
+    )
     for account, seqs in wanted.items():
+        # One range per account (a batch's numbers are mostly consecutive); plain columns, no ORM.
         rows = await session.execute(
-            select(SpendRow).where(
+            select(*columns).where(
                 SpendRow.network_id == network_id,
                 SpendRow.account_id == account,
-                SpendRow.seq.in_(sorted(seqs)),
+                SpendRow.seq.between(min(seqs), max(seqs)),
             )
         )
-        for row in rows.scalars():
-            known.setdefault((row.account_id, row.seq), []).append(_spend(row))
+        for kind, seq, request_id, held_before, max_price, evidence in rows:
+            if seq in seqs:
+                stated = cast(Kind, kind)
+                spend = Spend(stated, network_id, account, seq, request_id, held_before, max_price, evidence)
+                known.setdefault((account, seq), []).append(spend)
     return known
 
 
@@ -77,9 +90,21 @@ def _row(network_id: str, spend: Spend, now: datetime) -> dict[str, object]:
         "request_id": spend.request_id,
         "held_before": spend.held_before,
         "max_price": spend.max_price,
-        "evidence": spend.evidence,
+        # A receipt's bytes are kept once, with the receipt (``_evidence`` finds them there).
+        "evidence": b"" if spend.kind == "receipt" else spend.evidence,
         "recorded_at": now,
     }
+
+
+async def _evidence(session: AsyncSession, network_id: str, spend: Spend) -> bytes:
+    """The signed bytes of a recorded statement: a receipt's are those of the receipt itself."""
+    if spend.evidence or spend.kind != "receipt":
+        return spend.evidence
+    settled = await session.get(ReceiptRow, (network_id, spend.request_id))
+    if settled is not None:
+        return settled.encoded
+    parked = await session.get(ParkedReceiptRow, (network_id, spend.request_id))
+    return b"" if parked is None else parked.encoded
 
 
 async def note(
@@ -109,7 +134,12 @@ async def note(
             if reason is None:
                 continue
             logger.warning("account %s proven to double spend: %s", spend.account_id[:12], reason)
-            proof: Proof = (other.kind, other.evidence, spend.kind, spend.evidence)
+            proof: Proof = (
+                other.kind,
+                await _evidence(session, network_id, other),
+                spend.kind,
+                spend.evidence,
+            )
             if await record_proof(session, dialect, network_id, spend.account_id, reason, proof):
                 frauds.append(spend.account_id)
                 if found is not None:
@@ -119,12 +149,11 @@ async def note(
         if not any(other.kind == spend.kind for other in same):
             same.append(spend)
             inserts.append(_row(network_id, spend, now))
-    if inserts:
-        await session.execute(
-            INSERTS[dialect](SpendRow)
-            .values(inserts)
-            .on_conflict_do_nothing(index_elements=["network_id", "account_id", "seq", "kind"])
+    if inserts:  # executemany of one cached statement: a multi-row VALUES would compile each time
+        statement = INSERTS[dialect](SpendRow).on_conflict_do_nothing(
+            index_elements=["network_id", "account_id", "seq", "kind"]
         )
+        await session.execute(statement, inserts)
     return frauds
 
 
@@ -249,7 +278,7 @@ class SpendChains:
         """The account's latest receipts and releases, newest first (to show a seeder)."""
         async with self._sessions() as session:
             rows = await session.execute(
-                select(SpendRow.kind, SpendRow.evidence)
+                select(SpendRow)
                 .where(
                     SpendRow.network_id == self.network_id,
                     SpendRow.account_id == account_id,
@@ -258,7 +287,9 @@ class SpendChains:
                 .order_by(SpendRow.seq.desc())
                 .limit(limit)
             )
-            return [(kind, evidence) for kind, evidence in rows]  # type: ignore[misc]
+            ends = [_spend(row) for row in rows.scalars()]
+            found = [(end.kind, await _evidence(session, self.network_id, end)) for end in ends]
+            return [(kind, evidence) for kind, evidence in found if evidence]
 
     async def fraud_proof(
         self, account_id: AccountId
