@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mycellm.config import ModelSettings
 from mycellm.engines.llama_cpp import LlamaCppEngine
-from mycellm.errors import IdentityError
+from mycellm.errors import IdentityError, PeerError
 from mycellm.federation.descriptions import NetworkDescription
 from mycellm.identity.certificates import issue_device_certificate, raw_public_key
 from mycellm.identity.keys import load_or_create_identity
@@ -27,6 +28,7 @@ from mycellm.identity.revocations import REVOCATION_BOOK_MAX_BYTES, issue_revoca
 from mycellm.network.codec import HEADER, encode_frame
 from mycellm.network.messages import (
     ALPN,
+    MAX_LISTS_PER_MESSAGE,
     DoneMessage,
     ErrorMessage,
     InferenceMessage,
@@ -364,3 +366,35 @@ def test_warnings_about_one_peer_are_bounded_and_the_rest_counted(caplog: pytest
     assert "one from another peer" in lines
     assert "997 more warnings about peer mallory were not logged" in lines
     assert lines[-1] == "after the window" and len(lines) == 6
+
+
+async def test_failed_dials_give_their_sockets_back(tmp_path: Path, services: list[PeerService]) -> None:
+    client = await _start(services, peer_service(tmp_path, "client"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for _ in range(20):
+        with pytest.raises(PeerError):
+            await client.endpoint.connect("127.0.0.1", dead_port, timeout_s=0.2)
+    # Each dial had a socket of its own; once its connection is over, the socket is closed.
+    await wait_for(lambda: open_fds() <= before + 2, 10, "the dials' sockets closed")
+
+
+async def test_a_node_holding_more_lists_than_a_message_carries_still_greets_its_peers(
+    tmp_path: Path, services: list[PeerService]
+) -> None:
+    # Valid lists of fresh accounts, as any peer may pass on: more than one message may carry.
+    server = await _start(services, peer_service(tmp_path, "server"))
+    lists = tuple(
+        issue_revocation_list(Ed25519PrivateKey.generate(), [os.urandom(32)], serial=1).to_bytes()
+        for _ in range(MAX_LISTS_PER_MESSAGE + 6)
+    )
+    assert len(server.revocations.accept(lists, source=None)) == len(lists)
+    client = await _start(services, peer_service(tmp_path, "client"))
+    await _linked(client, server)  # the server's greeting carries its lists in two messages
+    await wait_for(lambda: len(client.revocations.lists()) == len(lists), 10, "every list at the client")

@@ -124,6 +124,49 @@ async def test_a_consumer_that_never_pays_is_counted_and_then_refused(
         await seeder.stop()
 
 
+async def _offer(
+    consumer: PeerService,
+    seeder: PeerService,
+    request: GenerationRequest,
+    usage: Usage,
+    hold: tuple[int, int, int],
+) -> ReceiptMessage | ErrorMessage:
+    """The consumer's signed terms for ``usage`` of ``request``, offered to the seeder; its answer."""
+    assert consumer.settler is not None
+    model = next(item for item in consumer.session(seeder.peer_id).hello.models if item.name == request.model)
+    terms = draft_terms(
+        PriceTable(PATIENT),
+        request_id=request.request_id,
+        network_id=consumer.settler.network_id,
+        model=model.name,
+        tier=model.tier,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        consumer=consumer.identity.certificate,
+        seeder=seeder.identity.certificate,
+        started_at_ms=0,
+        hold=hold,
+    )
+    encoded, signature = sign_as_consumer(terms, consumer.identity)
+    stream = consumer.session(seeder.peer_id).link.open_stream()
+    stream.send(ReceiptOfferMessage(terms=encoded, consumer_signature=signature))
+    reply = await stream.receive(10)
+    assert isinstance(reply, ReceiptMessage | ErrorMessage), reply
+    return reply
+
+
+async def _restarted(
+    tmp_path: Path, engine: LlamaCppEngine, store: Store, consumer: PeerService, seeder: PeerService
+) -> PeerService:
+    """The seeder stopped and started again on its data directory and database, linked again."""
+    await seeder.stop()
+    seeder, _ = _node(tmp_path, "s", engine, store, PATIENT)
+    await seeder.start()
+    await consumer.connect(f"127.0.0.1:{seeder.port}")
+    await wait_for(lambda: seeder.connected(), 10, "the link again")
+    return seeder
+
+
 async def test_a_receipt_offered_after_the_seeder_restarted_still_settles(
     tmp_path: Path, engine: LlamaCppEngine, stores: dict[str, Store]
 ) -> None:
@@ -136,59 +179,18 @@ async def test_a_receipt_offered_after_the_seeder_restarted_still_settles(
     try:
         await consumer.connect(f"127.0.0.1:{seeder.port}")
         await wait_for(lambda: seeder.connected(), 10, "the link")
-        model = engine.models()[0]
-        request, usage, hold = await _take_without_paying(consumer, seeder, model.name)
+        model = engine.models()[0].name
+        request, usage, hold = await _take_without_paying(consumer, seeder, model)
         assert isinstance(usage, Usage), usage
-        # The seeder restarts: a new service on its data directory and database.
-        await seeder.stop()
-        seeder, _ = _node(tmp_path, "s", engine, stores["s"], PATIENT)
-        await seeder.start()
-        await consumer.connect(f"127.0.0.1:{seeder.port}")
-        await wait_for(lambda: seeder.connected(), 10, "the link again")
-        terms = draft_terms(
-            PriceTable(PATIENT),
-            request_id=request.request_id,
-            network_id=seeder_book.network_id,
-            model=model.name,
-            tier=model.tier,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            consumer=consumer.identity.certificate,
-            seeder=seeder.identity.certificate,
-            started_at_ms=0,
-            hold=hold,
-        )
-        encoded, signature = sign_as_consumer(terms, consumer.identity)
-        stream = consumer.session(seeder.peer_id).link.open_stream()
-        stream.send(ReceiptOfferMessage(terms=encoded, consumer_signature=signature))
-        reply = await stream.receive(10)
-        assert isinstance(reply, ReceiptMessage), reply
+        seeder = await _restarted(tmp_path, engine, stores["s"], consumer, seeder)
+        assert isinstance(await _offer(consumer, seeder, request, usage, hold), ReceiptMessage)
         assert await seeder_book.is_settled(RequestId(request.request_id))
         # Terms claiming less than the record kept are refused, after a restart as before it.
-        request, usage, hold = await _take_without_paying(consumer, seeder, model.name)
+        request, usage, hold = await _take_without_paying(consumer, seeder, model)
         assert isinstance(usage, Usage)
-        await seeder.stop()
-        seeder, _ = _node(tmp_path, "s", engine, stores["s"], PATIENT)
-        await seeder.start()
-        await consumer.connect(f"127.0.0.1:{seeder.port}")
-        await wait_for(lambda: seeder.connected(), 10, "the link once more")
-        low = draft_terms(
-            PriceTable(PATIENT),
-            request_id=request.request_id,
-            network_id=seeder_book.network_id,
-            model=model.name,
-            tier=model.tier,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=0,
-            consumer=consumer.identity.certificate,
-            seeder=seeder.identity.certificate,
-            started_at_ms=0,
-            hold=hold,
-        )
-        encoded, signature = sign_as_consumer(low, consumer.identity)
-        stream = consumer.session(seeder.peer_id).link.open_stream()
-        stream.send(ReceiptOfferMessage(terms=encoded, consumer_signature=signature))
-        reply = await stream.receive(10)
+        seeder = await _restarted(tmp_path, engine, stores["s"], consumer, seeder)
+        low = usage.model_copy(update={"completion_tokens": 0})
+        reply = await _offer(consumer, seeder, request, low, hold)
         assert isinstance(reply, ErrorMessage) and "do not match what was served" in reply.message
     finally:
         await consumer.stop()

@@ -99,6 +99,26 @@ async def test_a_peer_silent_mid_stream_fails_the_stream_in_about_a_second(
     assert session is not None and session.unanswered_pings == 0
 
 
+async def test_a_peer_whose_process_is_gone_is_noticed_at_the_early_probe(
+    pair: tuple[PeerService, PeerService], engine: LlamaCppEngine
+) -> None:
+    relay, seeder = pair
+    await relay.open(seeder.peer_id, _request(engine, "gone-1"), 30.0)
+    for _ in range(3):
+        await relay.pull("gone-1", 10.0)
+    # The seeder's process is gone, its host is not: its port is closed, with no QUIC goodbye, so
+    # the host answers the relay's early probe with ICMP port unreachable (the relay dialed it).
+    transport = seeder.endpoint._server._transport  # type: ignore[union-attr]
+    transport.sendto = lambda *args, **kwargs: None  # what it still tries to send goes nowhere
+    transport.close()
+    died = time.monotonic()
+    error = await asyncio.wait_for(_pull_until_error(relay, "gone-1"), 30.0)
+    assert "is gone" in error.message and "refused a probe" in error.message, error.message
+    assert time.monotonic() - died < 10.0  # half the floor on an idle machine; no probe wait
+    record = relay.registry.get(seeder.peer_id)
+    assert record is not None and record.failures > 0
+
+
 async def test_a_live_peer_reading_a_long_prompt_is_probed_and_waited_for(
     tmp_path: Path, engine: LlamaCppEngine
 ) -> None:

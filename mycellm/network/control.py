@@ -240,9 +240,7 @@ class ControlChannel:
         news = self._networks.greeting(session)
         if news is not None:
             messages.append(news)
-        lists = self._revocations.lists()
-        if lists:
-            messages.append(RevocationsMessage(lists=tuple(item.to_bytes() for item in lists)))
+        messages.extend(RevocationsMessage.batches([item.to_bytes() for item in self._revocations.lists()]))
         return messages
 
     def ping_all(self, misses: int) -> None:
@@ -260,5 +258,5 @@ class ControlChannel:
         for session in self._sessions.served_sessions():
             if self._revocations.is_revoked(session.link.certificate):
                 self._drop(session, "device revoked")
-        gossip = RevocationsMessage(lists=tuple(item.to_bytes() for item in accepted))
-        self._sessions.broadcast(gossip, skip=source)
+        for gossip in RevocationsMessage.batches([item.to_bytes() for item in accepted]):
+            self._sessions.broadcast(gossip, skip=source)

@@ -26,7 +26,7 @@ from mycellm.network.messages import (
 )
 from mycellm.network.registry import PeerRegistry
 from mycellm.network.session import Session
-from mycellm.network.stalls import StallClock, probe
+from mycellm.network.stalls import StallClock, probe, receive_watching
 from mycellm.network.usage_check import inflated, within_bounds
 from mycellm.types import (
     CompletionResult,
@@ -250,7 +250,7 @@ class Forwarder:
         while True:
             timeout_s = clock.timeout_s()
             try:
-                message = await asyncio.wait_for(stream.receive(), timeout_s)
+                message = await receive_watching(session, stream, timeout_s)
             except TimeoutError:
                 record = self._registry.get(session.peer_id)
                 rtt_ms = record.rtt_ms if record is not None else None

@@ -229,11 +229,20 @@ class PeersMessage(WireMessage):
     peers: tuple[PeerAddress, ...] = Field(default=(), max_length=MAX_PEERS_PER_MESSAGE)
 
 
+MAX_LISTS_PER_MESSAGE = 64
+
+
 class RevocationsMessage(WireMessage):
     """Signed revocation lists (each in its own canonical CBOR encoding)."""
 
     kind: ClassVar[str] = "revocations"
-    lists: tuple[WireBlob, ...] = Field(default=(), max_length=64)
+    lists: tuple[WireBlob, ...] = Field(default=(), max_length=MAX_LISTS_PER_MESSAGE)
+
+    @classmethod
+    def batches(cls, lists: list[bytes]) -> list[RevocationsMessage]:
+        """``lists`` in as many messages as the cap per message asks for (a node may hold more)."""
+        step = MAX_LISTS_PER_MESSAGE
+        return [cls(lists=tuple(lists[start : start + step])) for start in range(0, len(lists), step)]
 
 
 class JoinRequestMessage(WireMessage):

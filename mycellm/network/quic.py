@@ -6,10 +6,9 @@ key (CertificateVerify); ``peer_certificate`` then checks that this key is the d
 device certificate signed by an account key and still valid, and ``check_peer`` (revocation,
 network membership) has the last word. Nothing the peer sends is read before that passed.
 
-aioquic 1.7 does not ask clients for a certificate and accepts a client that sends none: the
-server side turns on its private ``_request_client_certificate`` switch (the version is pinned)
-and refuses a link without a verified certificate. One QUIC stream carries one request; frames
-on it are ``mycellm.wire`` frames.
+aioquic 1.7 does not ask clients for a certificate and accepts a client that sends none: the server
+turns on its private ``_request_client_certificate`` switch (the version is pinned) and refuses a
+link without a verified certificate. One QUIC stream carries one request, in wire frames.
 """
 
 from __future__ import annotations
@@ -34,9 +33,9 @@ from mycellm.identity.keys import NodeIdentity
 from mycellm.network.codec import FrameReader, encode_frame
 from mycellm.network.frame_stream import FrameStream
 from mycellm.network.limits import BoundedServer, LinkLimits
-from mycellm.network.liveness import Liveness
+from mycellm.network.liveness import ConnectedSend, Liveness
 from mycellm.network.messages import ALPN, error_message
-from mycellm.network.tls import peer_certificate, tls_certificate
+from mycellm.network.tls import peer_certificate, request_client_certificate, tls_certificate
 from mycellm.types import PeerId
 
 logger = logging.getLogger(__name__)
@@ -64,8 +63,7 @@ class PeerLink:
         self.remote_address: tuple[str, int] = (str(address[0]).removeprefix("::ffff:"), int(address[1]))
         self.streams: dict[int, FrameStream] = {}
         self.liveness = protocol.liveness
-        self.closed = False
-        self.close_reason = ""
+        self.closed, self.close_reason = False, ""
         self._closed_event = asyncio.Event()
 
     def open_stream(self) -> FrameStream:
@@ -143,24 +141,21 @@ class _LinkProtocol(QuicConnectionProtocol):
         self.limits = endpoint.limits
         self.link: PeerLink | None = None
         self.verified: asyncio.Future[PeerLink] = asyncio.get_running_loop().create_future()
-        # A refused inbound link's future is awaited by no one: its exception is read here.
-        self.verified.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self.verified.add_done_callback(
+            lambda done: done.cancelled() or done.exception()
+        )  # read: nobody waits
         self._readers: dict[int, FrameReader] = {}
         self._finished: set[int] = set()  # peer streams this node is done with that aioquic still has
         self.liveness = Liveness()  # any datagram of the peer (an ACK is one): it is alive
         if not quic.configuration.is_client:
-            # The private switch: make the server ask for (and so receive) a client certificate.
-            initialize = quic._initialize
-
-            def initialize_requesting_certificate(peer_cid: bytes) -> None:
-                initialize(peer_cid)
-                quic.tls._request_client_certificate = True
-
-            quic._initialize = initialize_requesting_certificate  # type: ignore[method-assign]
+            request_client_certificate(quic)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self.liveness.saw()
         super().datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:  # a connected socket hears ICMP unreachable
+        self.liveness.refused() if isinstance(exc, ConnectionRefusedError) else None
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -183,6 +178,8 @@ class _LinkProtocol(QuicConnectionProtocol):
             if self.link is not None:
                 self.link._mark_closed(reason)
                 self._endpoint._link_closed(self.link)
+            if self._quic.configuration.is_client and self._transport is not None:
+                self._transport.close()  # a dialed link's own socket (a served one shares the server's)
 
     def _authenticate(self) -> None:
         try:
@@ -339,7 +336,9 @@ class QuicEndpoint:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-            _, protocol = await loop.create_datagram_endpoint(lambda: self._protocol(quic), sock=sock)
+            sock.connect(address)  # so a dead peer's host can tell this node at once (ICMP)
+            transport, protocol = await loop.create_datagram_endpoint(lambda: self._protocol(quic), sock=sock)
+            protocol._transport = ConnectedSend(transport)  # type: ignore[assignment]
         except OSError as error:
             sock.close()
             raise PeerError(f"cannot open a UDP socket: {error}") from error

@@ -15,11 +15,17 @@ missed heartbeat, and one slow moment must not take every other answer on that l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from typing import TYPE_CHECKING, Any
 
-from mycellm.errors import MycellmError
+from mycellm.errors import MycellmError, PeerError
 from mycellm.network.session import Session
+
+if TYPE_CHECKING:
+    from mycellm.network.frame_stream import FrameStream
+    from mycellm.network.messages import WireMessage
 
 STALL_FLOOR_S = 1.0  # the least silence that probes a peer
 STALL_PACE_FACTOR = 6.0  # silence of this many times the stream's usual gap probes it too
@@ -28,6 +34,7 @@ PROBE_FLOOR_S = 0.5  # the least time a probe waits for its pong
 PROBE_RTT_FACTOR = 4.0  # and at least this many of the peer's round trips
 LATE_FACTOR = 2.0  # and at least this many times the lateness of this node's own loop
 GRACE_TURNS = 3  # turns of this node's event loop a failed probe waits before it counts
+EARLY_PROBE_FRACTION = 0.5  # this far into the allowed silence a probe goes out early
 
 # Probes count from far above the heartbeat's ping numbers: a pong to a probe answers older pings.
 _PROBE_SEQ = itertools.count(1 << 48)
@@ -85,3 +92,36 @@ async def probe(session: Session, since: float, rtt_ms: float | None = None, lat
     for _ in range(GRACE_TURNS):  # a datagram this node's own busy loop has not read yet
         await asyncio.sleep(0)
     return session.link.liveness.last_received > sent or session.last_heard > since
+
+
+async def receive_watching(session: Session, stream: FrameStream, timeout_s: float) -> WireMessage | None:
+    """The stream's next frame within ``timeout_s`` (TimeoutError if none comes).
+
+    Part way through a silence a probe goes out early: the host of a peer whose process is gone
+    answers it with ICMP port unreachable (heard on the connected socket of a link this node
+    dialed), and the answer fails at once with PeerError instead of waiting out the silence."""
+    receiving: asyncio.Future[WireMessage | None] = asyncio.ensure_future(stream.receive())
+    try:
+        done, _ = await asyncio.wait({receiving}, timeout=timeout_s * EARLY_PROBE_FRACTION)
+        if receiving in done:
+            return receiving.result()
+        sent = time.monotonic()
+        with contextlib.suppress(MycellmError):  # the link is gone: the stream fails on its own
+            session.control.send(session.probe(next(_PROBE_SEQ)))
+        rest = timeout_s * (1 - EARLY_PROBE_FRACTION)
+        refused = asyncio.ensure_future(session.link.liveness.refused_after(sent, rest))
+        either: list[asyncio.Future[Any]] = [receiving, refused]
+        try:
+            done, _ = await asyncio.wait(either, timeout=rest, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+        if receiving in done:
+            return receiving.result()
+        if refused in done and not refused.cancelled() and refused.result():
+            raise PeerError(
+                f"peer {session.peer_id[:12]} is gone: its host refused a probe (no process listens)"
+            )
+        raise TimeoutError
+    finally:
+        if not receiving.done():
+            receiving.cancel()
