@@ -38,10 +38,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.soak_samples import sample  # noqa: E402
 from mycellm.engines.names import BUNDLED_NAME  # noqa: E402
 from mycellm.identity.revocation_keeper import KNOWN_REVOCATIONS_FILE  # noqa: E402
 from mycellm.identity.revocations import REVOCATION_BOOK_MAX_BYTES  # noqa: E402
-from tests.nodes import NodeProcess, node_environment, session_pids, start_all  # noqa: E402
+from tests.nodes import NodeProcess, node_environment, start_all  # noqa: E402
 
 NAMES = ("a", "b", "c")
 # Short heartbeats and redials: a lively soak.
@@ -139,52 +140,6 @@ class Honest(threading.Thread):
         with self.lock:
             before, self.taken = self.taken, (self.ok, self.failed)
         return self.taken[0] - before[0], self.taken[1] - before[1]
-
-
-def _proc_status(pid: int) -> tuple[int, int, int]:
-    """(open fds, RSS kB, threads) of one process; zeros if it is gone."""
-    try:
-        fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
-        fields = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
-        )
-        rss = int(fields.get("VmRSS", "0 kB").split()[0])
-        return fds, rss, int(fields["Threads"])
-    except (OSError, KeyError, ValueError):
-        return 0, 0, 0
-
-
-def log_mib(node: NodeProcess) -> float:
-    """MiB of a node's logs: its own and its Ray session's (where its actors' warnings go)."""
-    assert node.process is not None
-    total = node.log_path.stat().st_size
-    with contextlib.suppress(OSError, StopIteration):
-        environ = Path(f"/proc/{node.process.pid}/environ").read_bytes().split(b"\0")
-        temp = next(item[21:].decode() for item in environ if item.startswith(b"MYCELLM_RAY_TEMP_DIR="))
-        logs = Path(temp) / "session_latest" / "logs"
-        total += sum(path.stat().st_size for path in logs.rglob("*") if path.is_file())
-    return total / 2**20
-
-
-def sample(node: NodeProcess) -> dict[str, Any]:
-    """What one node's session holds now, and what it says over HTTP."""
-    assert node.process is not None
-    pids = {node.process.pid, *session_pids(node.process.pid)}
-    fds, rss, threads = (sum(values) for values in zip(*(_proc_status(pid) for pid in pids), strict=True))
-    row: dict[str, Any] = {
-        "fds": fds,
-        "rss_mib": rss / 1024,
-        "threads": threads,
-        "logs_mib": f"{log_mib(node):.1f}",
-    }
-    row.update(in_flight="?", peers="?")
-    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-        metrics = httpx.get(f"{node.url}/metrics", timeout=10).text
-        found = re.search(r"^mycellm_requests_in_flight (\S+)$", metrics, flags=re.MULTILINE)
-        row["in_flight"] = int(float(found.group(1))) if found else "?"
-        peers = httpx.get(f"{node.url}/v1/node/peers", timeout=10).json()
-        row["peers"] = f"{len(peers['connected'])}/{len(peers['data'])}"
-    return row
 
 
 class HostilePeer:
