@@ -1,8 +1,9 @@
 """InferenceWorker: one per GPU (or one CPU worker); a Ray shell around one engine's EngineStreams.
 
 Contract: it owns one engine and the streams of the generations it runs. The ingress and the
-PeerManager call it (open/pull/cancel/complete/embed by request id); ``cancel`` of an unknown or
-finished id is a no-op, and ``stop`` may be called more than once.
+PeerManager call it (open/pull/cancel/complete/embed by request id; count_tokens to check a
+seeder's usage); ``cancel`` of an unknown or finished id is a no-op, and ``stop`` may be called
+more than once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mycellm.types import (
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
+    Usage,
 )
 
 
@@ -61,3 +63,9 @@ class InferenceWorker:
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         return await self._streams.embed(request)
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        """The engine's own count of a request's prompt and an answer's text (None if it has none)."""
+        if not self._streams.started:
+            return None
+        return await self._streams.engine.count_tokens(request, text)

@@ -6,9 +6,11 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from actors.calls import call_actor
 from actors.recorder import Recorder
 from actors.targets import route_target
 from mycellm.api.tally import RequestTally
+from mycellm.errors import MycellmError
 from mycellm.routing.failover import RoutedStream, embed_on
 from mycellm.routing.ranking import Route, rank_routes
 from mycellm.types import (
@@ -18,6 +20,7 @@ from mycellm.types import (
     GenerationRequest,
     ModelInfo,
     PeerId,
+    Usage,
 )
 
 # A peer's stream crosses four processes per chunk (worker, both PeerManagers, the ingress) on
@@ -84,3 +87,23 @@ class LocalWorkers:
         served = RequestTally(request.request_id, "embedding", request.model)
         result, _route = await embed_on(request, routes, self._target, served)
         return result
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        """The first local worker of the request's model that has a tokenizer counts for it."""
+        try:
+            routes = rank_routes(self._routes, request.model)
+        except MycellmError:  # this node does not serve the model
+            return None
+        for route in routes:
+            worker = self._workers.get(route.target)
+            if worker is None:
+                continue
+            try:
+                usage: Usage | None = await call_actor(
+                    worker.count_tokens.remote(request, text), self._timeout_s
+                )
+            except MycellmError:
+                continue
+            if usage is not None:
+                return usage
+        return None

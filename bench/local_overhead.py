@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.openai_load import ScenarioResult, run_scenario  # noqa: E402
-from mycellm.engines.llama_cpp import resolve_model_path  # noqa: E402
+from mycellm.engines.model_files import resolve_model_path  # noqa: E402
 from mycellm.engines.names import BUNDLED_NAME  # noqa: E402
 from tests.nodes import NodeProcess, free_port  # noqa: E402
 

@@ -11,7 +11,8 @@ import pytest
 
 from mycellm.config import ModelSettings
 from mycellm.engines.continuation import RESUME_UNSUPPORTED
-from mycellm.engines.llama_cpp import LlamaCppEngine, resolve_model_path
+from mycellm.engines.llama_cpp import LlamaCppEngine
+from mycellm.engines.model_files import resolve_model_path
 from mycellm.engines.protocol import collect
 from mycellm.errors import ContextLengthError, EngineError, InvalidRequestError, UnsupportedParameterError
 from mycellm.types import EmbeddingRequest, GenerationRequest

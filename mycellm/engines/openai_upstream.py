@@ -35,6 +35,7 @@ from mycellm.types import (
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
+    Usage,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,10 @@ class OpenAIUpstreamEngine:
         level = logging.DEBUG if self._warned_estimate else logging.WARNING
         logger.log(level, "upstream %s reported no %s token count; using an estimate", self._base_url, what)
         self._warned_estimate = True
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        """None: an upstream lends no tokenizer, so a seeder's usage is checked by its bounds."""
+        return None
 
     # -- embeddings -------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from mycellm.types import (
     GenerationRequest,
     ModelInfo,
     ToolCall,
+    Usage,
 )
 
 
@@ -37,6 +38,11 @@ class InferenceEngine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        """This engine's count of ``request``'s prompt and of ``text`` as completion, or None
+        where it has no tokenizer of its own (an upstream): how a consumer checks a seeder's usage."""
+        ...
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> CompletionResult:

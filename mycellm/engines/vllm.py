@@ -197,6 +197,17 @@ class VllmEngine:
         except Exception as error:  # cleanup must not hide the reason the stream ended
             logger.warning("could not abort vLLM request %s: %s", request_id, error)
 
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        """The prompt's tokens as this model renders it, and ``text``'s as its tokenizer reads it."""
+        if self._tokenizer is None:
+            return None
+        try:
+            prompt, _tokens, _param = self._tokenize(request.model_copy(update={"continuation": None}))
+        except MycellmError:
+            return None
+        answer = self._tokenizer.encode(text, add_special_tokens=False) if text else []
+        return Usage(prompt_tokens=prompt, completion_tokens=len(answer))
+
     def _tokenize(self, request: GenerationRequest) -> tuple[int, list[int], str]:
         """The prompt's token count, the tokens to generate after (the prompt, then the
         continuation of a resumed request) and the request field that holds the prompt."""

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from mycellm.config import NodeSettings
@@ -56,10 +56,22 @@ BROKEN_TTL_S = 600.0
 _Broken = tuple[float, "PeerLink", ModelInfo, "Hold", int, "Settler"]
 
 
-def _size(text: str, tool_calls: tuple[ToolCall, ...]) -> int:
-    return len(text.encode()) + sum(
-        len(call.name.encode()) + len(call.arguments.encode()) for call in tool_calls
-    )
+class _Received:
+    """What an answer has sent so far: its text and tool calls, and their size in bytes."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.calls = 0
+
+    def add(self, text: str, tool_calls: tuple[ToolCall, ...]) -> None:
+        parts = [text, *(part for call in tool_calls for part in (call.name, call.arguments))]
+        self.parts.extend(part for part in parts if part)
+        self.size += sum(len(part.encode()) for part in parts)
+        self.calls += len(tool_calls)
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 class Forwarder:
@@ -69,6 +81,8 @@ class Forwarder:
     if there is none); ``registry`` counts each answer for or against the peer; ``terms_of`` gives,
     for a network, how it prices a model (the network's tier for it, not the peer's claim) and its
     settler, if any, which admits a request before it leaves and pays for it after the answer.
+    ``count_tokens``, where this node serves the model itself, counts a paid answer's prompt and
+    text with the model's own tokenizer, so that the usage it signs is checked token for token.
     """
 
     def __init__(
@@ -77,8 +91,10 @@ class Forwarder:
         registry: PeerRegistry,
         settings: NodeSettings,
         terms_of: Callable[[NetworkId | None], NetworkTerms],
+        count_tokens: Callable[[GenerationRequest, str], Awaitable[Usage | None]] | None = None,
     ) -> None:
         self._session_of = session_of
+        self._count_tokens = count_tokens
         self._registry = registry
         self._terms_of = terms_of
         self._outbound = StreamTable(settings.stream_interval_s)
@@ -152,7 +168,7 @@ class Forwarder:
 
         async def receive(buffer: ChunkBuffer) -> None:
             try:
-                usage, refused = await self._receive(session, stream, buffer, sent)
+                usage, refused = await self._receive(session, stream, buffer, sent, admission is not None)
             except BaseException:
                 if settler is not None and admission is not None:
                     if streamed and buffer.produced:  # the reader got text: paid when it resumes
@@ -202,28 +218,35 @@ class Forwarder:
             stream.end()
 
     async def _receive(
-        self, session: Session, stream: FrameStream, buffer: ChunkBuffer, request: GenerationRequest
+        self,
+        session: Session,
+        stream: FrameStream,
+        buffer: ChunkBuffer,
+        request: GenerationRequest,
+        paid: bool,
     ) -> tuple[Usage, str | None]:
         """Read an answer into ``buffer``: chunks, then a done or an error. Returns the usage the
-        seeder reported and, if it claims more than the answer can hold, why (``usage_check``).
+        seeder reported and, if it claims more than the answer can hold, why (``usage_check``;
+        a paid answer is counted by this node's tokenizer where it has the model).
 
         A peer that falls silent for longer than its stream's pace allows is probed; one that does
         not answer the probe fails the answer at once (``stalls``), not at the next heartbeats."""
         peer_id, clock = session.peer_id, StallClock(self._stall_floor_s)
-        received = 0  # bytes of text and tool calls: what the usage must fit
+        received = _Received()  # text and tool calls: what the usage must fit
         try:
             while True:
                 message = await self._next_frame(session, stream, clock)
                 match message:
                     case ChunkMessage():
-                        received += _size(message.text, message.tool_calls)
+                        received.add(message.text, message.tool_calls)
                         buffer.put(GenerationChunk(text=message.text, tool_calls=message.tool_calls))
                     case DoneMessage():
-                        received += _size(message.text, message.tool_calls)
-                        refused = inflated(request, message.usage, received)
+                        received.add(message.text, message.tool_calls)
+                        counted = await self._counted(request, received) if paid else None
+                        bounds = (request, message.usage, received.size, counted, received.calls)
+                        refused = inflated(*bounds)
                         if refused is not None:  # the client is shown what the answer can hold
-                            shown = within_bounds(request, message.usage, received)
-                            message = message.model_copy(update={"usage": shown})
+                            message = message.model_copy(update={"usage": within_bounds(*bounds)})
                         return self._on_done(peer_id, stream, buffer, message), refused
                     case ErrorMessage():
                         raise self._on_error(peer_id, stream, message)
@@ -243,6 +266,15 @@ class Forwarder:
             with contextlib.suppress(MycellmError):
                 stream.send(CancelMessage(reason="cancelled by the requester"), end=True)
             raise
+
+    async def _counted(self, request: GenerationRequest, received: _Received) -> Usage | None:
+        if self._count_tokens is None:
+            return None
+        try:
+            return await self._count_tokens(request, (request.continuation or "") + received.text())
+        except MycellmError as error:  # the bounds by bytes still hold
+            logger.debug("could not count the tokens of %s: %s", request.request_id, error)
+            return None
 
     async def _next_frame(
         self, session: Session, stream: FrameStream, clock: StallClock

@@ -102,7 +102,8 @@ class PeerService:
             on_change=self._on_change,
         )
         self._joins = Joins(settings, identity, self.endpoint, self.networks)
-        self._forwarder = Forwarder(self.session, self.registry, settings, self.networks.terms)
+        counter = local.count_tokens
+        self._forwarder = Forwarder(self.session, self.registry, settings, self.networks.terms, counter)
         self._requests = RequestServer(local, self.networks.link_terms)
         own = OwnAddress(identity, lambda: self.address)
         self.hints = PeerHints.of(settings, self.revocations.is_revoked)

@@ -33,6 +33,7 @@ from mycellm.types import (
     NetworkId,
     PeerId,
     RequestId,
+    Usage,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +59,11 @@ class LocalServer(Protocol):
     ) -> AsyncGenerator[GenerationChunk, None]: ...
 
     async def embed(self, request: EmbeddingRequest, peer_id: PeerId) -> EmbeddingResult: ...
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        """A local engine's count of the request's prompt and of ``text`` (an answer a peer sent
+        for the same model), or None where no local engine of that model has a tokenizer."""
+        ...
 
 
 class EngineServer:
@@ -92,6 +98,13 @@ class EngineServer:
 
     async def embed(self, request: EmbeddingRequest, peer_id: PeerId) -> EmbeddingResult:
         return await self._engine(request.model).embed(request)
+
+    async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
+        try:
+            engine = self._engine(request.model)
+        except ModelNotFoundError:
+            return None
+        return await engine.count_tokens(request, text)
 
 
 class RequestServer:
