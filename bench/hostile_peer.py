@@ -307,10 +307,8 @@ class Hostile:
         self.sent[name]["inbound_links"] += self.args.inbound_links
         await asyncio.sleep(INBOUND_HOLD_S)
         reasons = [_closed_as(link) for link in links if link is not None]
-        for reason in reasons:
+        for reason in reasons:  # how many the node held at once, it says itself (/v1/node/peers)
             self.seen[f"inbound_{reason}"] += 1
-        admitted = sum(1 for reason in reasons if reason != "busy")  # the node kept them inbound
-        self.seen["inbound_admitted_max"] = max(self.seen["inbound_admitted_max"], admitted)
         for link in links:
             if link is not None:
                 link.close("flood over")

@@ -49,11 +49,16 @@ def sample(node: NodeProcess) -> dict[str, Any]:
         "threads": threads,
         "logs_mib": f"{log_mib(node):.1f}",
     }
-    row.update(in_flight="?", peers="?")
+    row.update(in_flight="?", peers="?", inbound="?", inbound_peak=0)
     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
         metrics = httpx.get(f"{node.url}/metrics", timeout=10).text
         found = re.search(r"^mycellm_requests_in_flight (\S+)$", metrics, flags=re.MULTILINE)
         row["in_flight"] = int(float(found.group(1))) if found else "?"
         peers = httpx.get(f"{node.url}/v1/node/peers", timeout=10).json()
         row["peers"] = f"{len(peers['connected'])}/{len(peers['data'])}"
+        links = peers["links"]  # the node's own count of the links it holds
+        row["inbound"], row["inbound_peak"] = (
+            f"{links['inbound']}/{links['inbound_peak']}",
+            links["inbound_peak"],
+        )
     return row

@@ -191,6 +191,9 @@ async def test_inbound_links_over_the_cap_are_refused_at_connect(
         await asyncio.sleep(0.5)
         inbound = [link for link in server.endpoint.links if not link.dialed]
         assert len(inbound) == 3
+        # The node's own account of it, as /v1/node/peers shows it.
+        links = server.describe()["links"]
+        assert links["inbound"] == 3 and links["inbound_peak"] == 3 and links["max_inbound"] == 3
         refused = [client for client in clients if client._quic._close_event is not None]
         assert len(refused) == 4
         assert all("busy" in client._quic._close_event.reason_phrase for client in refused)  # type: ignore[union-attr]

@@ -57,6 +57,12 @@ def describe_links(
         "quic_port": own.port,
         "address": own.address,
         "connected": sessions.peer_ids(),
+        "links": {
+            "inbound": sum(1 for link in own.endpoint.links if not link.dialed),
+            "outbound": sum(1 for link in own.endpoint.links if link.dialed),
+            "inbound_peak": own.endpoint.inbound_peak,
+            "max_inbound": own.endpoint.limits.max_inbound_links,
+        },
         "networks": [
             {
                 "network_id": network.network_id,

@@ -292,6 +292,7 @@ class QuicEndpoint:
         self._protocols: set[_LinkProtocol] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.links: set[PeerLink] = set()
+        self.inbound_peak = 0  # the most inbound links held at once since start
 
     def _configuration(self, is_client: bool, server_name: str | None = None) -> QuicConfiguration:
         return QuicConfiguration(
@@ -355,6 +356,7 @@ class QuicEndpoint:
 
     def _link_opened(self, link: PeerLink) -> None:
         self.links.add(link)
+        self.inbound_peak = max(self.inbound_peak, sum(1 for held in self.links if not held.dialed))
         if self._on_link is not None:
             self._spawn(self._on_link(link))
 
