@@ -305,3 +305,15 @@ async def test_a_hold_that_skips_what_the_last_one_took_is_proven_a_lie(tmp_path
         assert proves_fraud(("hold", honest[0]), ("hold", honest[1])) is None
     finally:
         await store.close()
+
+
+def test_receipts_seen_lately_are_remembered_by_digest_and_bounded() -> None:
+    """A receipt comes with every hold of its consumer and from every peer: checked once, within a bound."""
+    from mycellm.network.seeding import SeenReceipts
+
+    seen = SeenReceipts(size=3)
+    for index in range(5):
+        seen.add(b"receipt %d" % index)
+    assert b"receipt 4" in seen and b"receipt 2" in seen
+    assert b"receipt 1" not in seen and b"receipt 0" not in seen  # the oldest went
+    assert b"receipt 4 " not in seen

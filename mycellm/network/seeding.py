@@ -10,6 +10,7 @@ parked receipts and every earlier hold not yet seen to end, covers the most the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -48,6 +49,27 @@ class Served:
     hold: HoldTerms | None
 
 
+class SeenReceipts:
+    """Receipts this node has recorded lately, by digest: each comes again with every hold of its
+    consumer and from every peer that passes it on, and is checked and written once, not each time."""
+
+    def __init__(self, size: int = REMEMBERED_REQUESTS) -> None:
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self._size = size
+
+    @staticmethod
+    def _digest(encoded: bytes) -> bytes:
+        return hashlib.blake2b(encoded, digest_size=16).digest()
+
+    def __contains__(self, encoded: bytes) -> bool:
+        return self._digest(encoded) in self._digests
+
+    def add(self, encoded: bytes) -> None:
+        self._digests[self._digest(encoded)] = None
+        while len(self._digests) > self._size:
+            self._digests.popitem(last=False)
+
+
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
     """An upper-leaning guess before tokenizing (3 characters a token, plus the chat template)."""
     text = request.prompt or ""
@@ -67,6 +89,7 @@ class SeederSide:
     _on_settled: ReceiptListener
     _served: OrderedDict[RequestId, Served]
     _receipts: OrderedDict[RequestId, bytes]
+    _seen: SeenReceipts
     _member: Callable[[str], Coroutine[Any, Any, None]]
     admission_tokens: Callable[[GenerationRequest, ModelInfo, int], int]
     _pass_on_proofs: Callable[[PeerId | None], Coroutine[Any, Any, None]]
@@ -139,10 +162,13 @@ class SeederSide:
     async def _take_in_ends(self, account: AccountId, message: InferenceMessage) -> None:
         """Record the receipts and releases shown with a hold (the consumer's own, checked as any)."""
         for encoded in message.receipts:
+            if encoded in self._seen:
+                continue
             try:
                 await self._keeper.record_receipt(Receipt.from_bytes(encoded), observed=True)
             except MycellmError:
                 continue  # a bad one only makes the hold's chain look less paid
+            self._seen.add(encoded)
         releases = []
         for encoded in message.releases:
             try:
@@ -271,6 +297,7 @@ class SeederSide:
         self._on_settled(receipt.to_bytes(), link.peer_id)
         self._served.pop(request_id, None)
         self._receipts[request_id] = receipt.to_bytes()
+        self._seen.add(receipt.to_bytes())
         while len(self._receipts) > REMEMBERED_REQUESTS:
             self._receipts.popitem(last=False)
         return receipt

@@ -32,7 +32,13 @@ from mycellm.network.credit_keeper import CreditKeeper, FraudListener, ReceiptLi
 from mycellm.network.messages import ErrorMessage, ReceiptMessage, ReceiptOfferMessage, error_from_message
 from mycellm.network.peer_log import PEER_LOG
 from mycellm.network.registry import PeerRegistry
-from mycellm.network.seeding import REMEMBERED_REQUESTS, SeederSide, Served, estimate_prompt_tokens
+from mycellm.network.seeding import (
+    REMEMBERED_REQUESTS,
+    SeederSide,
+    SeenReceipts,
+    Served,
+    estimate_prompt_tokens,
+)
 from mycellm.network.spending import Hold, SpendClerk
 from mycellm.types import AccountId, GenerationRequest, ModelInfo, NetworkId, PeerId, RequestId, Usage
 
@@ -111,6 +117,7 @@ class Settler(SeederSide):
         self._dues: dict[RequestId, asyncio.TimerHandle] = {}
         self._clerk = SpendClerk(identity, network_id, keeper)
         self._receipts: OrderedDict[RequestId, bytes] = OrderedDict()
+        self._seen = SeenReceipts()
         self._payments: set[asyncio.Task[None]] = set()
         self._members: set[str] = set()  # accounts joined in these books already (no grant twice anyway)
         self._join_own_account()
@@ -251,7 +258,8 @@ class Settler(SeederSide):
                 await self._member(link.certificate.account_id)  # the seeder of a link in this network
                 await self._keeper.record_receipt(receipt)
                 await self._pass_on_proofs(None)
-                self._clerk.settled(request_id)
+                self._seen.add(receipt.to_bytes())
+                self._clerk.settled(request_id, receipt.to_bytes())
                 self.registry.paid(link.peer_id, credits(terms.price), terms.completion_tokens)
                 self._on_settled(receipt.to_bytes(), link.peer_id)
                 return
@@ -290,9 +298,12 @@ class Settler(SeederSide):
 
     async def _observe(self, receipts: tuple[bytes, ...], source: PeerId) -> None:
         for encoded in receipts:
+            if encoded in self._seen:
+                continue
             try:
                 if await self._keeper.record_receipt(Receipt.from_bytes(encoded), observed=True):
                     self._on_settled(encoded, source)
+                self._seen.add(encoded)
             except MycellmError as error:
                 PEER_LOG.warning(
                     logger, source, "a receipt from %s was refused: %s", source[:12], error.message

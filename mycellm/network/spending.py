@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -58,6 +60,10 @@ class SpendClerk:
         self._keeper = keeper
         self._lock = asyncio.Lock()
         self._chain: _Chain | None = None
+        # The latest ends, newest first: read once, then kept here, since only this node ends
+        # this account's holds (a receipt it settles, a release it signs).
+        self._ends: deque[tuple[str, bytes]] | None = None
+        self._ended = 0  # holds ended so far: a read that raced an end is not kept
 
     @property
     def _account(self) -> AccountId:
@@ -96,10 +102,18 @@ class SpendClerk:
             chain.open[request_id] = hold
             return hold
 
-    def settled(self, request_id: RequestId) -> None:
+    def settled(self, request_id: RequestId, receipt: bytes | None = None) -> None:
         """The hold of ``request_id`` ended with its receipt."""
         if self._chain is not None:
             self._chain.open.pop(request_id, None)
+        self._end("receipt", receipt)
+
+    def _end(self, kind: str, evidence: bytes | None) -> None:
+        self._ended += 1
+        if self._ends is not None and evidence is not None:
+            self._ends.appendleft((kind, evidence))
+        else:
+            self._ends = None  # read again
 
     async def release(self, request_id: RequestId, hold: Hold) -> None:
         """End ``hold`` with nothing owed: signed, recorded, shown to the next seeders."""
@@ -118,11 +132,18 @@ class SpendClerk:
         except MycellmError as error:
             logger.warning("could not record the release of %s: %s", request_id, error.message)
             return
-        self.settled(request_id)
+        if self._chain is not None:
+            self._chain.open.pop(request_id, None)
+        self._end("release", signed)
 
     async def recent_ends(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
         """This account's latest receipts and releases, for the next seeder to see."""
-        ends = await self._keeper.recent_ends(self._account, RECENT_ENDS)
+        ends: Iterable[tuple[str, bytes]] | None = self._ends
+        if ends is None:
+            ended = self._ended
+            ends = await self._keeper.recent_ends(self._account, RECENT_ENDS)
+            if ended == self._ended:
+                self._ends = deque(ends, maxlen=RECENT_ENDS)
         receipts = tuple(evidence for kind, evidence in ends if kind == "receipt")
         releases = tuple(evidence for kind, evidence in ends if kind == "release")
         return receipts, releases
