@@ -7,6 +7,7 @@ from typing import Any
 from actors.api_key_ledger import ApiKeyCalls
 from mycellm.config import PriceSettings
 from mycellm.errors import MycellmError
+from mycellm.ledger.admissions import HoldCheck
 from mycellm.ledger.api_keys import ApiKeyBook
 from mycellm.ledger.audit import AuditReport, audit
 from mycellm.ledger.credit_views import Role, receipt_page, recent_transfers
@@ -119,6 +120,22 @@ class Ledger(ApiKeyCalls):
 
     async def note_spends(self, statements: list[bytes], *, network_id: NetworkId | None = None) -> list[str]:
         return await self._credits(network_id).note_spends(statements)
+
+    async def check_hold(
+        self,
+        account_id: AccountId,
+        statements: list[bytes],
+        price: int,
+        served: ServedRecord,
+        *,
+        network_id: NetworkId | None = None,
+    ) -> HoldCheck:
+        return await self._credits(network_id).check_hold(account_id, statements, price, served)
+
+    async def record_hold(
+        self, statement: bytes, open_total: int, *, network_id: NetworkId | None = None
+    ) -> int:
+        return await self._credits(network_id).record_hold(statement, open_total)
 
     async def spend_view(
         self, account_id: AccountId, seq: int, held_before: int, *, network_id: NetworkId | None = None

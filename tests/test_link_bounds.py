@@ -240,8 +240,10 @@ async def test_requests_over_the_per_peer_cap_are_refused_before_any_work(
     answers = await asyncio.gather(*(_answer(stream) for stream in streams))
     done = [answer for answer in answers if isinstance(answer, DoneMessage)]
     refused = [answer for answer in answers if isinstance(answer, ErrorMessage)]
-    assert len(done) <= cap and len(refused) >= 50 - 2 * cap
-    assert len(done) + len(refused) == 50
+    # Served ones may end while the flood still arrives (and free their place), so the bound is on
+    # how many were served at once, as the server counted them.
+    assert server._requests.peak_per_peer == cap
+    assert len(done) + len(refused) == 50 and len(refused) >= 50 - 3 * cap
     assert {answer.code for answer in refused} == {"too_many_requests"}
     await wait_for(lambda: server.serving == 0, 10.0, "the served requests to end")
     assert server._requests._per_peer == {}

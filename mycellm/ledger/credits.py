@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from mycellm.errors import MycellmError, PaymentRequiredError, ReceiptError
 from mycellm.ledger import parked
+from mycellm.ledger.admissions import HoldAdmissions
 from mycellm.ledger.credit_tables import (
     CreditAccountRow,
     CreditEntryRow,
@@ -83,7 +84,7 @@ def unaffordable(balance: int, price: int) -> PaymentRequiredError:
     )
 
 
-class CreditBook(PendingOffers, SpendChains, ServedRecords):
+class CreditBook(PendingOffers, SpendChains, ServedRecords, HoldAdmissions):
     """The credits of one network in one database; in this process, the CreditKeeper of settlement."""
 
     def __init__(self, engine: AsyncEngine, prices: PriceTable, network_id: NetworkId) -> None:

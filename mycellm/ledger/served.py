@@ -34,6 +34,25 @@ class ServedRecord:
     usage: tuple[int, int] | None = None
 
 
+async def keep_served(session: AsyncSession, network_id: str, record: ServedRecord) -> None:
+    """Write ``record`` (inside the caller's transaction): a new row, or the finished usage."""
+    hold = record.hold or (None, None, None)
+    usage = record.usage or (None, None)
+    row = await session.get(PeerServedRow, (network_id, record.request_id))
+    if row is None:
+        row = PeerServedRow(network_id=network_id, request_id=record.request_id, started_at=datetime.now(UTC))
+        session.add(row)
+    row.peer_id, row.consumer, row.model, row.tier = (
+        record.peer_id,
+        record.consumer,
+        record.model,
+        record.tier,
+    )
+    row.max_tokens = record.max_tokens
+    row.hold_seq, row.held_before, row.hold_price = hold
+    row.prompt_tokens, row.completion_tokens = usage
+
+
 class ServedRecords:
     """The CreditBook's records of requests served to peers (a mixin: the book's engine and network)."""
 
@@ -43,27 +62,9 @@ class ServedRecords:
 
     async def remember_served(self, record: ServedRecord) -> None:
         """Keep (or update, once finished) what this node serves a peer, until its receipt settles."""
-        hold = record.hold or (None, None, None)
-        usage = record.usage or (None, None)
         try:
             async with self._transaction() as session:
-                row = await session.get(PeerServedRow, (self.network_id, record.request_id))
-                if row is None:
-                    row = PeerServedRow(
-                        network_id=self.network_id,
-                        request_id=record.request_id,
-                        started_at=datetime.now(UTC),
-                    )
-                    session.add(row)
-                row.peer_id, row.consumer, row.model, row.tier = (
-                    record.peer_id,
-                    record.consumer,
-                    record.model,
-                    record.tier,
-                )
-                row.max_tokens = record.max_tokens
-                row.hold_seq, row.held_before, row.hold_price = hold
-                row.prompt_tokens, row.completion_tokens = usage
+                await keep_served(session, self.network_id, record)
         except SQLAlchemyError as error:
             raise LedgerError(f"cannot keep what was served for {record.request_id}: {error}") from error
 

@@ -178,6 +178,49 @@ async def record_proof(
     return bool(inserted.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def checked_spends(network_id: str, statements: list[bytes]) -> list[Spend]:
+    """Signed holds and releases, checked, all of ``network_id`` (else ReceiptError)."""
+    spends = []
+    for data in statements:
+        spend = check_spend(data)[0]
+        if spend.network_id != network_id:
+            raise ReceiptError(
+                f"a spend of network {spend.network_id!r}, not {network_id!r}", code="spend_invalid"
+            )
+        spends.append(spend)
+    return spends
+
+
+async def spend_view_in(
+    session: AsyncSession, network_id: str, account_id: str, seq: int, held_before: int
+) -> SpendView:
+    """The account's chain before ``seq`` as this node knows it (inside the caller's session)."""
+    ended = (
+        select(SpendRow.seq, SpendRow.max_price)
+        .where(
+            SpendRow.network_id == network_id,
+            SpendRow.account_id == account_id,
+            SpendRow.seq < seq,
+            SpendRow.kind.in_(ENDS),
+        )
+        .distinct()
+        .subquery()
+    )
+    ended_sum = await session.scalar(select(func.coalesce(func.sum(ended.c.max_price), 0)))
+    parked = await session.scalar(
+        select(func.coalesce(func.sum(ParkedReceiptRow.price), 0)).where(
+            ParkedReceiptRow.network_id == network_id,
+            ParkedReceiptRow.consumer_account == account_id,
+        )
+    )
+    fraud = await session.get(SpendFraudRow, (network_id, account_id))
+    return SpendView(
+        outstanding=max(0, held_before - int(ended_sum or 0)),
+        parked=int(parked or 0),
+        fraud=None if fraud is None else fraud.reason,
+    )
+
+
 class SpendChains:
     """The CreditBook's spend chains (a mixin: it shares the book's engine and network)."""
 
@@ -189,14 +232,7 @@ class SpendChains:
 
     async def note_spends(self, statements: list[bytes]) -> list[str]:
         """Check and record signed holds and releases; the accounts they prove to lie."""
-        spends = []
-        for data in statements:
-            spend = check_spend(data)[0]
-            if spend.network_id != self.network_id:
-                raise ReceiptError(
-                    f"a spend of network {spend.network_id!r}, not {self.network_id!r}", code="spend_invalid"
-                )
-            spends.append(spend)
+        spends = checked_spends(self.network_id, statements)
         async with self._transaction() as session:
             return await note(session, self._engine.dialect.name, self.network_id, spends, self._fresh_proofs)
 
@@ -218,30 +254,7 @@ class SpendChains:
 
     async def spend_view(self, account_id: AccountId, seq: int, held_before: int) -> SpendView:
         async with self._sessions() as session:
-            ended = (
-                select(SpendRow.seq, SpendRow.max_price)
-                .where(
-                    SpendRow.network_id == self.network_id,
-                    SpendRow.account_id == account_id,
-                    SpendRow.seq < seq,
-                    SpendRow.kind.in_(ENDS),
-                )
-                .distinct()
-                .subquery()
-            )
-            ended_sum = await session.scalar(select(func.coalesce(func.sum(ended.c.max_price), 0)))
-            parked = await session.scalar(
-                select(func.coalesce(func.sum(ParkedReceiptRow.price), 0)).where(
-                    ParkedReceiptRow.network_id == self.network_id,
-                    ParkedReceiptRow.consumer_account == account_id,
-                )
-            )
-            fraud = await session.get(SpendFraudRow, (self.network_id, account_id))
-        return SpendView(
-            outstanding=max(0, held_before - int(ended_sum or 0)),
-            parked=int(parked or 0),
-            fraud=None if fraud is None else fraud.reason,
-        )
+            return await spend_view_in(session, self.network_id, account_id, seq, held_before)
 
     async def spend_head(self, account_id: AccountId) -> tuple[int, int]:
         """The account's next spend number and the total its holds took so far, as known here."""

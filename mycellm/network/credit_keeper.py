@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from mycellm.ledger.admissions import HoldCheck
 from mycellm.ledger.receipts import Receipt
 from mycellm.ledger.served import ServedRecord
 from mycellm.ledger.spend_book import Proof, SpendView
@@ -33,6 +34,12 @@ class CreditKeeper(Protocol):
     async def receipt(self, request_id: RequestId) -> bytes | None: ...
 
     async def note_spends(self, statements: list[bytes]) -> list[str]: ...
+
+    async def check_hold(
+        self, account_id: AccountId, statements: list[bytes], price: int, served: ServedRecord
+    ) -> HoldCheck: ...
+
+    async def record_hold(self, statement: bytes, open_total: int) -> int: ...
 
     async def spend_view(self, account_id: AccountId, seq: int, held_before: int) -> SpendView: ...
 

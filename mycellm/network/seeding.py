@@ -29,7 +29,7 @@ from mycellm.network.registry import PeerRegistry
 from mycellm.types import AccountId, GenerationRequest, ModelInfo, PeerId, RequestId, Usage
 
 if TYPE_CHECKING:
-    from mycellm.network.credit_keeper import CreditKeeper, ReceiptListener
+    from mycellm.network.credit_keeper import CreditKeeper, FraudListener, ReceiptListener
     from mycellm.network.messages import InferenceMessage, ReceiptOfferMessage
     from mycellm.network.quic import PeerLink
 
@@ -93,6 +93,7 @@ class SeederSide:
     _member: Callable[[str], Coroutine[Any, Any, None]]
     admission_tokens: Callable[[GenerationRequest, ModelInfo, int], int]
     _pass_on_proofs: Callable[[PeerId | None], Coroutine[Any, Any, None]]
+    _on_fraud: FraudListener
     _background: Callable[[Coroutine[Any, Any, None]], None]
     _dues: dict[RequestId, asyncio.TimerHandle]  # served requests whose receipt is awaited
 
@@ -113,27 +114,36 @@ class SeederSide:
         await self._member(consumer.account_id)  # the link serving this network proved its membership
         account = AccountId(consumer.account_id)
         hold = self._checked_hold(consumer, message)
-        await self._take_in_ends(account, message)
-        frauds = await self._keeper.note_spends([message.hold])  # type: ignore[list-item]
-        await self._pass_on_proofs(None)
-        view = await self._keeper.spend_view(account, hold[0], hold[1])
-        if frauds or view.fraud is not None:
-            raise PaymentRequiredError(
-                f"refused: this account's spends are proven to contradict themselves ({view.fraud or 'this hold'})",
-                code="consumer_fraud",
-            )
+        releases = await self._take_in_ends(account, message)
         prompt = estimate_prompt_tokens(request)
         price = self.prices.price(
             model.name, model.tier, prompt, self.admission_tokens(request, model, prompt)
         )
+        # Kept before any work, in the same transaction: a restart still knows what it owes.
+        served = ServedRecord(
+            request.request_id,
+            consumer.peer_id,
+            consumer.to_bytes(),
+            model.name,
+            model.tier,
+            request.max_tokens,
+            hold,
+        )
+        check = await self._keeper.check_hold(account, [*releases, message.hold], price, served)  # type: ignore[list-item]
+        for proof in check.proofs:
+            self._on_fraud(proof, None)
+        if check.frauds or check.view.fraud is not None:
+            raise PaymentRequiredError(
+                f"refused: this account's spends are proven to contradict themselves ({check.view.fraud or 'this hold'})",
+                code="consumer_fraud",
+            )
         if hold[2] < price:
             raise PaymentRequiredError(
                 f"the hold covers {credits(hold[2]):.6f} credits; this request may cost {credits(price):.6f}",
                 code="hold_short",
             )
-        available = await self._keeper.balance(account) - view.parked - view.outstanding
-        if price > available:
-            raise unaffordable(max(0, available), price)
+        if not check.admitted:
+            raise unaffordable(max(0, check.available), price)
         return hold
 
     def _checked_hold(self, consumer: DeviceCertificate, message: InferenceMessage) -> HoldTerms:
@@ -159,8 +169,9 @@ class SeederSide:
             raise PaymentRequiredError(f"the hold {wrong[0]}", code="hold_invalid")
         return spend.seq, spend.held_before, spend.max_price
 
-    async def _take_in_ends(self, account: AccountId, message: InferenceMessage) -> None:
-        """Record the receipts and releases shown with a hold (the consumer's own, checked as any)."""
+    async def _take_in_ends(self, account: AccountId, message: InferenceMessage) -> list[bytes]:
+        """Record the receipts shown with a hold (the consumer's own, checked as any); the releases
+        shown that are this account's, to be noted with the hold."""
         for encoded in message.receipts:
             if encoded in self._seen:
                 continue
@@ -175,28 +186,13 @@ class SeederSide:
                 spend = check_spend(encoded)[0]
             except ReceiptError:
                 continue
-            if spend.kind == "release" and spend.account_id == account:
+            if (
+                spend.kind == "release"
+                and spend.account_id == account
+                and spend.network_id == self.network_id
+            ):
                 releases.append(encoded)
-        if releases:
-            await self._keeper.note_spends(releases)
-
-    async def start_serving(
-        self, link: PeerLink, request: GenerationRequest, model: ModelInfo, hold: HoldTerms | None
-    ) -> None:
-        """Keep what this node is about to serve ``link``'s peer, before any work (None hold: free)."""
-        if hold is None:
-            return
-        await self._keeper.remember_served(
-            ServedRecord(
-                request.request_id,
-                link.peer_id,
-                link.certificate.to_bytes(),
-                model.name,
-                model.tier,
-                request.max_tokens,
-                hold,
-            )
-        )
+        return releases
 
     def served(
         self, link: PeerLink, request_id: RequestId, model: ModelInfo, usage: Usage, hold: HoldTerms | None

@@ -125,6 +125,7 @@ class RequestServer:
         self._terms_of = terms_of
         self._serving: set[asyncio.Task[None]] = set()
         self._per_peer: dict[PeerId, int] = {}  # generations and embeddings being served, per peer
+        self.peak_per_peer = 0  # the most of one peer's requests served at once since the start
 
     @property
     def serving(self) -> int:
@@ -167,6 +168,7 @@ class RequestServer:
             stream.send(error_message(busy), end=True)
             return
         self._per_peer[link.peer_id] = held + 1
+        self.peak_per_peer = max(self.peak_per_peer, held + 1)
         try:
             await self._dispatch(link, stream, first)
         finally:
@@ -206,9 +208,8 @@ class RequestServer:
         if local is None:
             raise ModelNotFoundError(f"The model '{request.model}' is not served by this node", param="model")
         model, settler = terms.priced(local), terms.settler
+        # Checked, and what is served kept, before any work: a restart still knows what it owes.
         hold = None if settler is None else await settler.check_consumer(link.certificate, message, model)
-        if settler is not None:  # kept before any work: a restart still knows what it owes
-            await settler.start_serving(link, request, model, hold)
         serving = asyncio.current_task()
         assert serving is not None
         finished = asyncio.Event()  # set once the answer is complete: a late cancel changes nothing

@@ -169,12 +169,11 @@ class Settler(SeederSide):
 
         An open max_tokens is priced, and bounded, at what the model may generate for it."""
         await self._member(self.identity.account_id)
-        balance = await self._keeper.balance(AccountId(self.identity.account_id))
         prompt = estimate_prompt_tokens(request)
         tokens = self.admission_tokens(request, model, prompt)
         price = self.prices.price(model.name, model.tier, prompt, tokens)
         receipts, releases = await self._clerk.recent_ends()
-        hold = await self._clerk.hold(RequestId(request.request_id), seeder, price, balance)
+        hold = await self._clerk.hold(RequestId(request.request_id), seeder, price)
         bounded = (
             request if request.max_tokens is not None else request.model_copy(update={"max_tokens": tokens})
         )

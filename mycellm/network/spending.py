@@ -78,13 +78,12 @@ class SpendClerk:
                 self._chain.open[RequestId(request_id)] = Hold(seq, 0, price, PeerId(""), b"")
         return self._chain
 
-    async def hold(self, request_id: RequestId, seeder: PeerId, price: int, balance: int) -> Hold:
-        """Sign and record the next hold; 402 if the balance less the open holds cannot pay ``price``."""
+    async def hold(self, request_id: RequestId, seeder: PeerId, price: int) -> Hold:
+        """Sign and record the next hold; 402 if the balance less the open holds cannot pay ``price``
+        (read and recorded in one transaction)."""
         async with self._lock:
             chain = await self._loaded()
             open_total = sum(hold.max_price for hold in chain.open.values())
-            if price > balance - open_total:
-                raise unaffordable(max(0, balance - open_total), price)
             seq, held_before = chain.next_seq, chain.held_total
             signed = sign_spend(
                 self._identity,
@@ -96,7 +95,9 @@ class SpendClerk:
                 held_before=held_before,
                 max_price=price,
             )
-            await self._keeper.note_spends([signed])  # recorded before it leaves
+            left = await self._keeper.record_hold(signed, open_total)  # recorded before it leaves
+            if left < 0:
+                raise unaffordable(max(0, left + price), price)
             chain.next_seq, chain.held_total = seq + 1, held_before + price
             hold = Hold(seq, held_before, price, seeder, signed)
             chain.open[request_id] = hold
