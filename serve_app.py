@@ -22,8 +22,9 @@ from starlette.routing import Route as StarletteRoute
 from actors import node as node_runner
 from actors.builders import APP_NAME, Node
 from actors.calls import call_actor
+from actors.placement import home_resource
 from actors.recorder import Recorder
-from actors.targets import route_target
+from actors.targets import WorkerHandles, route_target
 from mycellm import __version__
 from mycellm.api.auth import Caller, KeyGate, error_headers
 from mycellm.api.budgets import BudgetKeeper
@@ -106,7 +107,7 @@ class NodeIngress:
         self._node = node
         self._resolver = resolver
         self._ledger = ledger
-        self._workers = workers
+        self._workers = WorkerHandles(workers, node["namespace"])
         self._peer_manager = peer_manager
         self._timeout_s = float(node.get("request_timeout_s", 600.0))
         self._started = time.time()
@@ -117,7 +118,7 @@ class NodeIngress:
         self._serving = NodeServing(
             node_peer_id=node["peer_id"],
             route_table=self._route_table,
-            target_for=lambda route: route_target(route, workers, peer_manager, self._timeout_s),
+            target_for=lambda route: route_target(route, self._workers, peer_manager, self._timeout_s),
             on_finished=self._finished,
             open_wait_s=self._timeout_s,
             on_started=lambda served: self._metrics.in_flight.inc(),
@@ -335,7 +336,11 @@ class NodeIngress:
             except (TimeoutError, ray.exceptions.RayError) as error:
                 return {"name": name, "ready": False, "error": type(error).__name__}
 
-        return list(await asyncio.gather(*(describe(name, worker) for name, worker in self._workers.items())))
+        # The workers started with the node, and those of machines that joined since (their routes).
+        routes = (await self._serving.snapshot()).routes
+        names = dict.fromkeys([*self._workers.names(), *(r.target for r in routes if r.kind == "local")])
+        found = [(name, worker) for name in names if (worker := self._workers.get(name)) is not None]
+        return list(await asyncio.gather(*(describe(name, worker) for name, worker in found)))
 
     async def _model_cards(
         self, caller: Caller | None = None, request: Request | None = None
@@ -360,7 +365,9 @@ INGRESS = build_app()
 
 def deploy(node: Node, settings: NodeSettings, identity: NodeIdentity) -> None:
     """Start Serve's HTTP proxy and put the ingress in front of ``node``'s actors."""
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # The HTTP proxy and the ingress run on the node's own machine only: a machine of its cluster
+    # that leaves takes none of the HTTP side with it (and two raylets of one host share its port).
+    serve.start(proxy_location="HeadOnly", http_options={"host": settings.host, "port": settings.port})
     node_info = {
         "peer_id": identity.peer_id,
         "account_id": identity.account_id,
@@ -373,7 +380,9 @@ def deploy(node: Node, settings: NodeSettings, identity: NodeIdentity) -> None:
         "credits": settings.credits,
     }
     serve.run(
-        INGRESS.bind(node_info, node.resolver, node.ledger, node.workers, node.peer_manager),
+        INGRESS.options(ray_actor_options={"num_cpus": 0, "resources": {home_resource(): 0.001}}).bind(
+            node_info, node.resolver, node.ledger, node.workers, node.peer_manager
+        ),
         name=APP_NAME,
         route_prefix="/",
         blocking=False,

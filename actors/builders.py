@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +14,9 @@ from ray import serve
 from actors.inference_worker import InferenceWorker
 from actors.ledger import Ledger
 from actors.peer_manager import PeerManager
+from actors.placement import WorkerPlan, cluster_nodes, pinned_to, placed, plan_workers
 from actors.resolver import Resolver
-from mycellm.config import ModelSettings, NodeSettings
+from mycellm.config import NodeSettings
 from mycellm.errors import ConfigError
 from mycellm.types import ModelInfo
 
@@ -59,6 +59,11 @@ def dashboard_port(settings: NodeSettings) -> int:
     return free
 
 
+def cluster_address(settings: NodeSettings) -> str | None:
+    """The Ray cluster this node joins (``ray_address`` or RAY_ADDRESS); None: its own local Ray."""
+    return settings.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(settings: NodeSettings) -> str | None:
     """Join the cluster at ``ray_address`` (or RAY_ADDRESS), or start a local one bound to loopback.
 
@@ -66,7 +71,7 @@ def init_ray(settings: NodeSettings) -> str | None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray lowers worker priority by default; inference workers must not lose the CPU to the proxy.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    address = settings.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(settings)
     options: dict[str, Any] = {
         "namespace": settings.ray_namespace,
         "logging_level": settings.log_level,
@@ -76,6 +81,9 @@ def init_ray(settings: NodeSettings) -> str | None:
         ray.init(address=address, **options)
         return None
     context = ray.init(
+        "local",  # never a cluster some earlier `ray start` left running on this machine
+        # A node's own Ray listens on loopback only: nothing of it is reachable from the network.
+        _node_ip_address="127.0.0.1",
         include_dashboard=settings.ray_dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port(settings) if settings.ray_dashboard else None,
@@ -95,6 +103,9 @@ class Node:
     quic_port: int = 0
     workers: dict[str, Any] = field(default_factory=dict)
     models: list[ModelInfo] = field(default_factory=list)
+    home_node_id: str = ""
+    plans: dict[str, WorkerPlan] = field(default_factory=dict)  # each worker's machine and resources
+    groups: dict[str, Any] = field(default_factory=dict)  # the placement groups of GPU workers
 
     def shutdown(self, timeout_s: float = 20.0) -> None:
         try:
@@ -107,53 +118,50 @@ class Node:
         ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "model"
-
-
-def _worker_placements(entry: ModelSettings, gpus: int, local_models: int) -> list[dict[str, float]]:
-    """One worker per GPU for local engines (one CPU worker without GPUs); one for upstreams."""
-    if entry.backend == "openai":
-        return [{"num_cpus": 0}]
-    if gpus == 0:
-        if entry.backend == "vllm":
-            raise ValueError("the vllm backend needs a GPU and this cluster has none")
-        return [{"num_cpus": 1}]
-    return [{"num_cpus": 0, "num_gpus": 1.0 / local_models} for _ in range(gpus)]
+def start_workers(plans: list[WorkerPlan], node: Node, settings: NodeSettings) -> dict[str, list[ModelInfo]]:
+    """Start the planned InferenceWorkers (kept in ``node``); the models each serves."""
+    pending = []
+    for plan in plans:
+        options, group = placed(plan)
+        worker = (
+            ray.remote(InferenceWorker)
+            .options(name=plan.name, max_concurrency=1000, **options)
+            .remote(plan.name, plan.entry, settings.stream_idle_timeout_s, settings.stream_interval_s)
+        )
+        node.workers[plan.name], node.plans[plan.name] = worker, plan
+        if group is not None:
+            node.groups[plan.name] = group
+        pending.append((plan.name, worker.start.remote()))
+    return {name: ray.get(started) for name, started in pending}
 
 
 def build_node(settings: NodeSettings) -> Node:
     """Start the Ledger, InferenceWorkers, Resolver and PeerManager; block until they are ready.
 
     The HTTP side (Ray Serve) is put in front of them by ``serve_app.deploy``."""
-    ledger = ray.remote(Ledger).options(name="ledger", num_cpus=0).remote(settings.resolved_database_url)
+    nodes = cluster_nodes()
+    home = next(node.node_id for node in nodes if node.home)
+    on_home = pinned_to(home)  # the identity and the one database stay on the driver's machine
+    ledger = (
+        ray.remote(Ledger)
+        .options(name="ledger", num_cpus=0, **on_home)
+        .remote(settings.resolved_database_url)
+    )
     ray.get(ledger.start.remote())
-    resolver = ray.remote(Resolver).options(name="resolver", num_cpus=0).remote()
-    node = Node(ledger=ledger, resolver=resolver)
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    entries = settings.model_entries
-    local_models = sum(1 for entry in entries if entry.backend != "openai") or 1
-    pending = []
-    for entry in entries:
-        for placement in _worker_placements(entry, gpus, local_models):
-            name = f"worker-{len(node.workers)}-{_slug(entry.name or entry.path)}"
-            worker = (
-                ray.remote(InferenceWorker)
-                .options(name=name, max_concurrency=1000, **placement)
-                .remote(name, entry, settings.stream_idle_timeout_s, settings.stream_interval_s)
-            )
-            node.workers[name] = worker
-            pending.append((name, worker.start.remote()))
-    for name, started in pending:
-        models = ray.get(started)
+    resolver = ray.remote(Resolver).options(name="resolver", num_cpus=0, **on_home).remote()
+    node = Node(ledger=ledger, resolver=resolver, home_node_id=home)
+    try:
+        plans = plan_workers(settings.model_entries, nodes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    for name, models in start_workers(plans, node, settings).items():
         node.models.extend(models)
         ray.get(resolver.register_worker.remote(name, models))
 
     local_routes = ray.get(resolver.local_routes.remote())
     node.peer_manager = (
         ray.remote(PeerManager)
-        .options(name="peer-manager", num_cpus=0, max_concurrency=1000)
+        .options(name="peer-manager", num_cpus=0, max_concurrency=1000, **on_home)
         .remote(settings, resolver, ledger, node.workers, local_routes)
     )
     node.quic_port = ray.get(node.peer_manager.start.remote())

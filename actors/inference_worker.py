@@ -8,6 +8,10 @@ more than once.
 
 from __future__ import annotations
 
+import os
+
+import ray
+
 from mycellm.config import ModelSettings
 from mycellm.engines import build_engine
 from mycellm.engines.worker import EngineStreams
@@ -30,6 +34,7 @@ class InferenceWorker:
         idle_timeout_s: float = 60.0,
         stream_interval_s: float = 0.02,
     ) -> None:
+        self._settings = settings
         self._streams = EngineStreams(name, build_engine(settings), idle_timeout_s, stream_interval_s)
 
     async def start(self) -> list[ModelInfo]:
@@ -47,6 +52,9 @@ class InferenceWorker:
             "active_requests": streams.active,
             "served_requests": streams.served,
             "models": [model.model_dump() for model in streams.engine.models()] if streams.started else [],
+            "machine": ray.get_runtime_context().get_node_id(),
+            "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),  # set by Ray: exactly this worker's GPUs
+            "threads": self._settings.threads,
         }
 
     async def open(self, request: GenerationRequest, wait_s: float = 600.0) -> GenerationChunk:

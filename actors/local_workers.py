@@ -12,6 +12,7 @@ from actors.targets import route_target
 from mycellm.api.tally import RequestTally
 from mycellm.errors import MycellmError
 from mycellm.routing.failover import RoutedStream, embed_on
+from mycellm.routing.in_flight import InFlight
 from mycellm.routing.ranking import Route, rank_routes
 from mycellm.types import (
     EmbeddingRequest,
@@ -39,6 +40,11 @@ class LocalWorkers:
         self._recorder = recorder
         self._timeout_s = timeout_s
         self.active = 0
+        self._in_flight = InFlight()  # spreads peers' requests over the workers of a model
+
+    def replace(self, workers: dict[str, Any], routes: list[Route]) -> None:
+        """The workers now running (machines joined or left the cluster) and their routes."""
+        self._workers, self._routes = dict(workers), list(routes)
 
     def models(self) -> list[ModelInfo]:
         seen: dict[str, ModelInfo] = {}
@@ -57,9 +63,11 @@ class LocalWorkers:
     ) -> AsyncGenerator[GenerationChunk, None]:
         """The peer's generation on the best local worker, moving to the next if one fails."""
         served = RequestTally(request.request_id, request.kind, request.model)
+        routes = rank_routes(self._in_flight.weigh(self._routes), request.model)
+        self._in_flight.placed(request.request_id, routes[0])
         stream = RoutedStream(
             request,
-            rank_routes(self._routes, request.model),
+            routes,
             self._target,
             served,
             open_wait_s=self._timeout_s,
@@ -77,6 +85,7 @@ class LocalWorkers:
             raise
         finally:
             self.active -= 1
+            self._in_flight.ended(request.request_id)
             stream.cancel()
             record = served.to_record()
             if record is not None:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import ray
 
-from actors.builders import Node, build_node, init_ray
+from actors.builders import Node, build_node, cluster_address, init_ray
+from actors.cluster_watch import ClusterWatch
 from mycellm.config import NodeSettings
 from mycellm.identity.keys import NodeIdentity, load_or_create_identity
 
@@ -39,7 +40,12 @@ def run_node(settings: NodeSettings, deploy: Deploy) -> int:
             f"{'; Ray dashboard: http://' + dashboard if dashboard else ''})",
             flush=True,
         )
-        stop.wait()
+        watch = ClusterWatch(node, settings) if cluster_address(settings) else None
+        while not stop.wait(settings.cluster_poll_s if watch is not None else None):
+            try:
+                watch.step()  # type: ignore[union-attr]
+            except Exception as error:  # a failed look is retried at the next; the node serves on
+                logger.warning("could not look at the cluster's machines: %s", error)
         print("mycellm: shutting down", flush=True)
         node.shutdown()
     finally:

@@ -43,7 +43,8 @@ class PeerManager:
     State: the PeerService (QUIC endpoint, sessions, peer registry, revocations, streams of
     requests in both directions, pending payments) and the task that pushes peer routes to the
     Resolver. The registry is saved to the data directory; everything else is rebuilt on restart.
-    Callers: ``actors.builders`` (start, stop), the ingress through its peer RouteTargets (open,
+    Callers: ``actors.builders`` (start, stop; set_local_workers as machines join and leave, last
+    write wins), the ingress through its peer RouteTargets (open,
     pull, cancel, complete, embed) and its /v1/node/peers view (describe). Idempotent: ``cancel``
     (a stream already gone answers False) and ``describe``. Not idempotent: ``pull`` takes what
     arrived since the last pull; ``open``, ``complete`` and ``embed`` send a new request each call
@@ -124,6 +125,10 @@ class PeerManager:
             await self._resolver.set_peer_routes.remote(routes, default, entries)
         except ray.exceptions.RayError as error:
             logger.warning("could not update the resolver: %s", error)
+
+    async def set_local_workers(self, workers: dict[str, Any], routes: list[Route]) -> None:
+        """Serve peers from the workers now running (a machine joined or left the cluster)."""
+        self._local.replace(workers, routes)
 
     # -- forwarding (called by the ingress) ---------------------------------------------------
 

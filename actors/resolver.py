@@ -12,8 +12,9 @@ from mycellm.types import ModelInfo, NetworkId
 class Resolver:
     """Contract: owns the route table (local routes by worker and model, peer routes as a whole).
 
-    Callers: the node builder registers each local worker once at start (registering the same
-    worker and model again replaces its route: idempotent); the PeerManager replaces all peer
+    Callers: the node builder registers each local worker when it starts (registering the same
+    worker and model again replaces its route: idempotent) and withdraws those of a machine that
+    left (idempotent); the PeerManager replaces all peer
     routes (each of one network), the node's networks and its default network whenever links or
     networks change (last write wins); the ingress reads snapshots and ranks copies with
     ``mycellm.routing.ranking.rank_routes``, so no request waits on this actor.
@@ -30,6 +31,10 @@ class Resolver:
             self._routes[("local", worker_name, model.name)] = Route(
                 kind="local", target=worker_name, model=model
             )
+
+    async def unregister_worker(self, worker_name: str) -> None:
+        """Withdraw a worker's routes (its machine left the cluster)."""
+        self._routes = {key: route for key, route in self._routes.items() if key[1] != worker_name}
 
     async def set_peer_routes(
         self,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+
 from actors.calls import call_actor, cancel_quietly
 from mycellm.errors import NoRouteError
 from mycellm.routing.ranking import Route
@@ -61,7 +63,30 @@ class ActorTarget:
         return result
 
 
-def route_target(route: Route, workers: dict[str, Any], peer_manager: Any, timeout_s: float) -> ActorTarget:
+class WorkerHandles:
+    """A node's InferenceWorkers by name: those it started with, and those it started later on
+    machines that joined its cluster (found by name in the node's namespace, then kept)."""
+
+    def __init__(self, workers: dict[str, Any], namespace: str) -> None:
+        self._known = dict(workers)
+        self._namespace = namespace
+
+    def get(self, name: str) -> Any | None:
+        handle = self._known.get(name)
+        if handle is None and name.startswith("worker-"):
+            try:
+                handle = ray.get_actor(name, namespace=self._namespace)
+            except ValueError:  # not started, or withdrawn with its machine
+                return None
+            self._known[name] = handle
+        return handle
+
+    def names(self) -> list[str]:
+        return list(self._known)
+
+
+def route_target(route: Route, workers: Any, peer_manager: Any, timeout_s: float) -> ActorTarget:
+    """The target of ``route``; ``workers`` maps worker names to handles (``get``)."""
     if route.kind == "local":
         worker = workers.get(route.target)
         if worker is None:

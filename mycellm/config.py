@@ -77,6 +77,7 @@ class ModelSettings(BaseModel):
     upstream_models: tuple[str, ...] = ()
     timeout_s: float = Field(default=120.0, gt=0)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)  # vLLM: GPUs one worker spans
     tier: Tier | None = None
     tags: tuple[str, ...] = ()
 
@@ -143,6 +144,7 @@ class NodeSettings(BaseSettings):
     ray_dashboard_port: int = Field(default=8265, ge=1, le=65535)
     ray_temp_dir: Path | None = None
     ray_namespace: str = Field(default="mycellm", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    cluster_poll_s: float = Field(default=5.0, ge=0.2, le=3600)  # joined to a cluster: look for machines
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     request_timeout_s: float = Field(default=600.0, gt=0)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0)

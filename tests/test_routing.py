@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from mycellm.errors import ModelNotFoundError, RoutingConstraintError
+from mycellm.routing.in_flight import InFlight
 from mycellm.routing.ranking import Route, RoutingOptions, rank_routes, route_score
 from mycellm.types import ModelInfo
 
@@ -207,3 +208,21 @@ def test_the_network_fixes_a_peers_tier_and_a_peer_may_only_claim_lower() -> Non
         route("local", "worker-0", model("m", tier="fast")),
     ]
     assert targets(rank_routes(routes, "m")) == ["worker-0", "liar"]
+
+
+def test_requests_in_flight_spread_over_the_workers_of_a_model() -> None:
+    workers = [route("local", f"worker-{index}") for index in range(3)]
+    in_flight = InFlight()
+    first = []
+    for request in ("a", "b", "c", "d"):
+        best = rank_routes(in_flight.weigh(workers), "m")[0]
+        in_flight.placed(request, best)
+        first.append(best.target)
+    assert first == ["worker-0", "worker-1", "worker-2", "worker-0"]
+    in_flight.ended("b")
+    in_flight.ended("b")  # a second end of one request changes nothing
+    assert rank_routes(in_flight.weigh(workers), "m")[0].target == "worker-1"
+    assert [in_flight[f"worker-{index}"] for index in range(3)] == [2, 0, 1]
+    # Peer routes keep the load their peer reported.
+    peer = route("peer", "peer-1", load=7)
+    assert in_flight.weigh([peer]) == [peer]

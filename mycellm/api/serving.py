@@ -32,6 +32,7 @@ from mycellm.errors import EngineError, ModelNotFoundError, MycellmError, Reques
 from mycellm.ledger.pricing import PriceTable
 from mycellm.routing.directory import NetworkEntry, RouteSnapshot
 from mycellm.routing.failover import RoutedStream, TargetFor, complete_on, embed_on
+from mycellm.routing.in_flight import InFlight
 from mycellm.routing.ranking import Capability, Route, RoutingOptions, rank_routes
 from mycellm.types import EmbeddingRequest, RequestId
 
@@ -82,6 +83,7 @@ class NodeServing:
         self._open_wait_s = open_wait_s
         self._table: RouteSnapshot | None = None
         self._table_at = 0.0
+        self._in_flight = InFlight()  # spreads requests over the workers of a model
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -111,10 +113,10 @@ class NodeServing:
         the cached table lacks is looked for once more in a fresh one (a peer that just linked)."""
         network_id = network.network_id if network is not None else None
         try:
-            table = (await self.snapshot()).routes_of(network)
+            table = self._in_flight.weigh((await self.snapshot()).routes_of(network))
             ranked = rank_routes(table, model, options, capability=capability, network_id=network_id)
         except ModelNotFoundError:
-            table = (await self.snapshot(MISS_REFRESH_S)).routes_of(network)
+            table = self._in_flight.weigh((await self.snapshot(MISS_REFRESH_S)).routes_of(network))
             ranked = rank_routes(table, model, options, capability=capability, network_id=network_id)
         return ranked[:1] if options is not None and options.fallback == "fail" else ranked
 
@@ -122,6 +124,7 @@ class NodeServing:
         self._table = None  # the table may be stale: refresh it on the next request
 
     def _finish(self, served: RequestTally) -> None:
+        self._in_flight.ended(served.request_id)
         if self._budgets is not None:
             self._budgets.settle(served)
         self._on_finished(served)
@@ -158,6 +161,7 @@ class NodeServing:
             body.check_supported()
             network = await self.network(caller, body.mycellm, network_header)
             routes = await self.routes(body.model, body.mycellm, "chat", network)
+            self._in_flight.placed(served.request_id, routes[0])
             generation = body.to_request(served.request_id, routes[0].model.name)
             if network is not None:
                 generation = generation.model_copy(update={"network_id": network.network_id})
@@ -196,6 +200,7 @@ class NodeServing:
         try:
             network = await self.network(caller, body.mycellm, network_header)
             routes = await self.routes(body.model, body.mycellm, "embeddings", network)
+            self._in_flight.placed(served.request_id, routes[0])
             request = EmbeddingRequest(
                 request_id=served.request_id,
                 model=routes[0].model.name,

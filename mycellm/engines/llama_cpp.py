@@ -69,6 +69,7 @@ class LlamaCppEngine:
         self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-generate")
         self._embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-embed")
         self._embed_lock = asyncio.Lock()
+        self._closing = threading.Event()
         self._path: Path | None = None
 
     @property
@@ -128,8 +129,11 @@ class LlamaCppEngine:
         return self._llama.n_ctx() if self._llama is not None else self._settings.context_tokens
 
     async def close(self) -> None:
-        self._generate_thread.shutdown(wait=False, cancel_futures=True)
-        self._embed_thread.shutdown(wait=False, cancel_futures=True)
+        # A generation still running stops at its next token; the contexts are freed only once no
+        # thread uses them (freeing one mid-decode crashes the process).
+        self._closing.set()
+        for thread in (self._generate_thread, self._embed_thread):
+            await asyncio.to_thread(thread.shutdown, wait=True, cancel_futures=True)
         for llama in (self._llama, self._embedder):
             if llama is not None:
                 llama.close()
@@ -332,7 +336,7 @@ class LlamaCppEngine:
             repeat_penalty=1.0,
             grammar=grammar,
         ):
-            if cancelled.is_set():
+            if cancelled.is_set() or self._closing.is_set():
                 return None
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 return "stop", produced

@@ -63,6 +63,7 @@ class VllmEngine:
             model=self._settings.path,
             max_model_len=self._settings.context_tokens,
             gpu_memory_utilization=self._settings.gpu_memory_utilization,
+            tensor_parallel_size=self._settings.tensor_parallel_size,
         )
         try:
             # Built on the event loop thread, as vLLM's own server does: the engine binds its output
