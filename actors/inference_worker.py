@@ -12,6 +12,7 @@ import os
 
 import ray
 
+from actors.actor_metrics import WorkerMetrics
 from mycellm.config import ModelSettings
 from mycellm.engines import build_engine
 from mycellm.engines.worker import EngineStreams
@@ -35,6 +36,7 @@ class InferenceWorker:
         stream_interval_s: float = 0.02,
     ) -> None:
         self._settings = settings
+        self._metrics = WorkerMetrics(name)
         self._streams = EngineStreams(name, build_engine(settings), idle_timeout_s, stream_interval_s)
 
     async def start(self) -> list[ModelInfo]:
@@ -58,16 +60,27 @@ class InferenceWorker:
         }
 
     async def open(self, request: GenerationRequest, wait_s: float = 600.0) -> GenerationChunk:
-        return await self._streams.open(request, wait_s)
+        chunk = await self._streams.open(request, wait_s)
+        self._metrics.running(self._streams.active)
+        self._metrics.saw(chunk)
+        return chunk
 
     async def pull(self, request_id: str, wait_s: float = 30.0) -> GenerationChunk | None:
-        return await self._streams.pull(request_id, wait_s)
+        chunk = await self._streams.pull(request_id, wait_s)
+        if chunk is not None and chunk.finish_reason is not None:
+            self._metrics.saw(chunk)
+            self._metrics.running(self._streams.active)
+        return chunk
 
     async def cancel(self, request_id: str) -> bool:
-        return await self._streams.cancel(request_id)
+        cancelled = await self._streams.cancel(request_id)
+        self._metrics.running(self._streams.active)
+        return cancelled
 
     async def complete(self, request: GenerationRequest) -> CompletionResult:
-        return await self._streams.complete(request)
+        result = await self._streams.complete(request)
+        self._metrics.completed(result)
+        return result
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         return await self._streams.embed(request)

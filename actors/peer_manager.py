@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import ray
 
+from actors.actor_metrics import LinkMetrics
 from actors.calls import ActorMethods, call_actor
 from actors.local_workers import LocalWorkers
 from actors.recorder import Recorder
@@ -75,6 +76,7 @@ class PeerManager:
             settings, identity, self._local, on_change=self._routes_changed, keepers=keepers
         )
         self._push: asyncio.Task[None] | None = None
+        self._metrics = LinkMetrics()
 
     async def start(self) -> int:
         port = await self._service.start()
@@ -98,6 +100,8 @@ class PeerManager:
 
     async def _push_routes(self) -> None:
         await asyncio.sleep(ROUTE_PUSH_DELAY_S)
+        links = self._service.describe()["links"]
+        self._metrics.set(links["inbound"], links["outbound"])
         routes = [
             route
             for peer in self._service.linked_peers()

@@ -150,5 +150,6 @@ def test_one_worker_per_gpu_of_every_machine_streams_survive_a_machine_and_new_o
                 thread.join(timeout=120)
         new_worker = next(worker["name"] for worker in _workers(node) if worker["machine"] == third.node_id)
         assert any(answer.get("route") == new_worker for answer in answers)
+
     finally:
         node.kill()
