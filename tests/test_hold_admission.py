@@ -44,12 +44,20 @@ def bob(tmp_path: Path) -> NodeIdentity:
     return load_or_create_identity(tmp_path / "bob", node_name="bob")
 
 
-def _hold(consumer: NodeIdentity, seeder: NodeIdentity, seq: int, held_before: int, price: int) -> bytes:
+def _hold(
+    consumer: NodeIdentity,
+    seeder: NodeIdentity,
+    seq: int,
+    held_before: int,
+    price: int,
+    kind: str = "hold",
+    request_id: str | None = None,
+) -> bytes:
     return sign_spend(
         consumer,
-        "hold",
+        kind,  # type: ignore[arg-type]
         network_id=NETWORK,
-        request_id=f"r-{seq}",
+        request_id=request_id or f"r-{seq}",
         seeder_peer_id=seeder.peer_id,
         seq=seq,
         held_before=held_before,
@@ -101,16 +109,7 @@ async def test_a_release_shown_with_the_hold_frees_what_it_held(
     account = AccountId(alice.account_id)
     await book.join(account)
     await book.check_hold(account, [_hold(alice, bob, 1, 0, PRICE)], PRICE, _served(alice, 1, 0, PRICE))
-    release = sign_spend(
-        alice,
-        "release",
-        network_id=NETWORK,
-        request_id="r-1",
-        seeder_peer_id=bob.peer_id,
-        seq=1,
-        held_before=0,
-        max_price=PRICE,
-    )
+    release = _hold(alice, bob, 1, 0, PRICE, kind="release")
     second = await book.check_hold(
         account, [release, _hold(alice, bob, 2, PRICE, PRICE)], PRICE, _served(alice, 2, PRICE, PRICE)
     )
@@ -123,16 +122,7 @@ async def test_two_holds_under_one_number_are_proven_in_the_check_and_not_served
     account = AccountId(alice.account_id)
     await book.join(account)
     await book.check_hold(account, [_hold(alice, bob, 1, 0, MICRO)], MICRO, _served(alice, 1, 0, MICRO))
-    lie = sign_spend(
-        alice,
-        "hold",
-        network_id=NETWORK,
-        request_id="r-other",
-        seeder_peer_id=bob.peer_id,
-        seq=1,
-        held_before=0,
-        max_price=MICRO,
-    )
+    lie = _hold(alice, bob, 1, 0, MICRO, request_id="r-other")
     served = ServedRecord(
         "r-other", alice.peer_id, alice.certificate.to_bytes(), "m", "tiny", 1, (1, 0, MICRO)
     )
