@@ -86,6 +86,16 @@ class LlamaCppEngine:
         return self._settings.context_tokens
 
     @property
+    def _step_tokens(self) -> int:
+        """Tokens of one step: ``batch_tokens``, and at least room for a prompt chunk beside every decode."""
+        return max(self._settings.batch_tokens, self.parallel + 3)
+
+    @property
+    def _chunk_tokens(self) -> int:
+        """The longest prompt chunk: one micro-batch (llama.cpp's usual 512 at most)."""
+        return min(self._step_tokens, 512)
+
+    @property
     def prompt_tokens_decoded(self) -> int:
         """Prompt tokens decoded so far; a prefix a slot already held is not decoded again."""
         return self._scheduler.prompt_tokens_decoded if self._scheduler is not None else 0
@@ -95,7 +105,7 @@ class LlamaCppEngine:
         self._llama = await asyncio.to_thread(self._load, False)
         self._context = await asyncio.to_thread(self._batched_context, self._llama)
         self._formatter = chat_formatter(self._llama, self._settings.chat_template)
-        self._scheduler = BatchScheduler(self._context, self.parallel, self._settings.batch_tokens)
+        self._scheduler = BatchScheduler(self._context, self.parallel, self._step_tokens, self._chunk_tokens)
         logger.info(
             "loaded %s from %s (%d sequences of %d tokens, %d threads)",
             self._name,
@@ -134,12 +144,11 @@ class LlamaCppEngine:
         """A context of ``parallel`` separate KV streams of a full window each, on the loaded model,
         with the Llama's other settings (threads, no flash attention: the same numbers as before)."""
         params = llama_cpp.llama_context_params.from_buffer_copy(llama.context_params)
-        step_tokens = max(self._settings.batch_tokens, self.parallel)
         params.n_ctx = self.parallel * self.context_tokens
         params.n_seq_max = self.parallel
         params.kv_unified = False  # each sequence attends over its own cells only
-        params.n_batch = step_tokens
-        params.n_ubatch = min(step_tokens, 512)
+        params.n_batch = self._step_tokens
+        params.n_ubatch = self._chunk_tokens
         try:
             return LlamaContext(model=llama._model, params=params, verbose=False)
         except ValueError as error:

@@ -23,18 +23,22 @@ _Entry = tuple[Slot, list[int], int | None]
 class BatchScheduler:
     """The one thread that touches a llama.cpp context with ``parallel`` sequences.
 
-    Each step it admits waiting requests into free slots, builds one batch holding the next token
-    of every decoding sequence and as much of the prefilling prompts as ``step_tokens`` leaves
-    (a long prompt is prefilled in chunks while the others go on decoding), decodes it once and
-    samples every sequence from its own row with its own sampler. A sequence the caller cancelled
-    leaves its slot before the next step. With nothing to do the thread sleeps on a condition.
+    Between steps it drops the sequences their callers cancelled and admits waiting requests into
+    free slots. Each step decodes the next token of every decoding sequence in one batch, and as
+    much of the prompts being prefilled as ``step_tokens`` leaves (a long prompt is prefilled in
+    chunks while the others go on decoding), and samples every sequence from its own row with its
+    own sampler. With nothing to do the thread sleeps on a condition.
     """
 
-    def __init__(self, context: LlamaContext, parallel: int, step_tokens: int) -> None:
+    def __init__(self, context: LlamaContext, parallel: int, step_tokens: int, chunk_tokens: int) -> None:
+        """``step_tokens`` (at least ``parallel`` + 3, so that a prompt chunk of 2 or more tokens always
+        fits beside the decoding sequences) bounds a step; ``chunk_tokens`` (at most the context's
+        micro-batch, at least 3) bounds a prompt chunk, so llama.cpp never cuts one."""
         self._context = context
         self._slots = SlotTable(context.memory, parallel)
-        self._step_tokens = max(step_tokens, parallel)  # every decoding sequence fits in one step
-        self._batch = LlamaBatch(n_tokens=self._step_tokens, embd=0, n_seq_max=1, verbose=False)
+        self._step_tokens = step_tokens
+        self._chunk_tokens = chunk_tokens
+        self._batch = LlamaBatch(n_tokens=max(step_tokens, chunk_tokens), embd=0, n_seq_max=1, verbose=False)
         self._waiting: deque[LlamaSequence] = deque()
         self._condition = threading.Condition()
         self._closed = False
@@ -99,35 +103,31 @@ class BatchScheduler:
                 self._slots.admit(sequence)
 
     def _step(self) -> None:
-        entries = self._fill()
-        code = llama_cpp.llama_decode(self._context.ctx, self._batch.batch)
-        if code != 0:
-            raise EngineError(f"llama_decode returned {code}")
-        for slot, tokens, row in entries:
-            sequence = slot.sequence
-            assert sequence is not None and sequence.sampler is not None
-            slot.tokens.extend(tokens)
-            del sequence.pending[: len(tokens)]
-            if sequence.prompt_left:
-                sequence.prompt_left -= len(tokens)
-                self.prompt_tokens_decoded += len(tokens)
-            if row is not None and sequence.accept(sequence.sampler.sample(self._context, row)):
-                self._slots.release(slot)
+        """One call for the next token of every decoding sequence, then one per prompt chunk.
 
-    def _fill(self) -> list[_Entry]:
-        """Write this step's tokens into the batch, slots in sequence-id order (llama.cpp splits a
-        batch of separate KV streams into micro-batches of consecutive sequence ids)."""
-        active = self._slots.active()
-        counts = self._counts(active)
+        Long because it says why the calls are apart. llama.cpp computes a micro-batch that holds one
+        token per sequence (a decode) by other kernels than one that holds several (a prompt), and
+        the two differ in the last bits. A batch that mixes them is cut by llama.cpp into
+        micro-batches of equal tokens per sequence, which may leave a prompt's token alone in one:
+        its cells, and all that follows, would then depend on what else ran. Kept apart, every
+        prompt token is computed as a prompt and every new token as a decode, whatever the other
+        requests do, so a request's text is the text it gets alone.
+        """
+        decoding, chunks = self._plan(self._slots.active())
+        if decoding:
+            self._decode([(slot, 1) for slot in decoding])
+        for slot, count in chunks:
+            self._decode([(slot, count)])
+
+    def _decode(self, work: list[tuple[Slot, int]]) -> None:
+        """Decode ``count`` pending tokens of each slot in one call, then sample those that are due."""
         batch = self._batch.batch
         entries: list[_Entry] = []
         row = 0
-        for slot in active:
+        for slot, count in work:
             assert slot.sequence is not None
             pending = slot.sequence.pending
-            tokens = pending[: counts[slot.seq_id]]
-            if not tokens:
-                continue
+            tokens = pending[:count]
             for offset, token in enumerate(tokens):
                 batch.token[row] = token
                 batch.pos[row] = len(slot.tokens) + offset
@@ -140,25 +140,41 @@ class BatchScheduler:
                 batch.logits[row - 1] = 1
             entries.append((slot, tokens, row - 1 if sampled else None))
         batch.n_tokens = row
-        return entries
+        code = llama_cpp.llama_decode(self._context.ctx, batch)
+        if code != 0:
+            raise EngineError(f"llama_decode returned {code}")
+        for slot, tokens, sampled_row in entries:
+            sequence = slot.sequence
+            assert sequence is not None and sequence.sampler is not None
+            slot.tokens.extend(tokens)
+            del sequence.pending[: len(tokens)]
+            if sequence.prompt_left:
+                sequence.prompt_left -= len(tokens)
+                self.prompt_tokens_decoded += len(tokens)
+            if sampled_row is not None and sequence.accept(
+                sequence.sampler.sample(self._context, sampled_row)
+            ):
+                self._slots.release(slot)
 
-    def _counts(self, active: list[Slot]) -> dict[int, int]:
-        """Tokens each slot decodes this step: one per decoding sequence, the rest of the step to
-        the prompts being prefilled, the earliest admitted first."""
-        counts: dict[int, int] = {}
-        prefilling: list[Slot] = []
-        for slot in active:
+    def _plan(self, active: list[Slot]) -> tuple[list[Slot], list[tuple[Slot, int]]]:
+        """This step's work: the decoding sequences, and the prompt chunks that fit in what is left
+        of ``step_tokens``, the earliest admitted prompt first."""
+        decoding = [slot for slot in active if slot.sequence is not None and not slot.sequence.prompt_left]
+        prefilling = [slot for slot in active if slot.sequence is not None and slot.sequence.prompt_left]
+        prefilling.sort(key=lambda slot: slot.last_used)
+        budget = self._step_tokens - len(decoding)
+        chunks: list[tuple[Slot, int]] = []
+        for slot in prefilling:
             assert slot.sequence is not None
-            if slot.sequence.prompt_left:
-                prefilling.append(slot)
-            else:
-                counts[slot.seq_id] = 1
-        budget = self._step_tokens - len(counts)
-        for slot in sorted(prefilling, key=lambda candidate: candidate.last_used):
-            assert slot.sequence is not None
-            counts[slot.seq_id] = min(budget, len(slot.sequence.pending))
-            budget -= counts[slot.seq_id]
-        return counts
+            left = len(slot.sequence.pending)
+            count = min(budget, left, self._chunk_tokens)
+            if left - count == 1:
+                count -= 1  # a prompt's last token is never left alone (see _step)
+            if count < min(2, left):
+                continue
+            chunks.append((slot, count))
+            budget -= count
+        return decoding, chunks
 
     def _fail_all(self, error: EngineError) -> None:
         for slot in self._slots.active():

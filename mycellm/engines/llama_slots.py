@@ -52,8 +52,11 @@ class SlotTable:
         tokens is kept, the rest of its cells removed, and ``sequence.pending`` is what is left."""
         tokens = sequence.pending
         free = [slot for slot in self.slots if slot.sequence is None]
-        # At least the last token is decoded again: sampling needs its logits.
-        shared = {slot.seq_id: min(common_prefix(slot.tokens, tokens), len(tokens) - 1) for slot in free}
+        # The last two tokens are decoded again: sampling needs the last one's logits, and a token
+        # decoded alone is computed as a decode, not as a prompt (see BatchScheduler._step).
+        shared = {
+            slot.seq_id: max(0, min(common_prefix(slot.tokens, tokens), len(tokens) - 2)) for slot in free
+        }
         slot = max(free, key=lambda candidate: (shared[candidate.seq_id], -candidate.last_used))
         kept = shared[slot.seq_id]
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, kept, -1):
