@@ -13,7 +13,7 @@ import pytest
 from mycellm.config import ModelSettings
 from mycellm.engines.llama_cpp import LlamaCppEngine, default_parallel
 from mycellm.engines.protocol import collect
-from mycellm.errors import ContextLengthError
+from mycellm.errors import ContextLengthError, EngineError
 from mycellm.types import CompletionResult, GenerationChunk, GenerationRequest
 
 PROMPTS = (
@@ -188,9 +188,12 @@ async def test_a_shared_prefix_is_not_decoded_again(engine: LlamaCppEngine) -> N
         messages = ({"role": "system", "content": system}, {"role": "user", "content": question})
         return GenerationRequest(request_id="r", model="m", messages=messages, max_tokens=4, temperature=0)
 
+    texts: list[str] = []
+
     async def decoded(request: GenerationRequest) -> tuple[int, int]:
         before = engine.prompt_tokens_decoded
         result = await collect(engine.generate(request))
+        texts.append(result.text)
         return engine.prompt_tokens_decoded - before, result.usage.prompt_tokens
 
     first, prompt = await decoded(asking("Is it raining in Paris?"))
@@ -199,6 +202,7 @@ async def test_a_shared_prefix_is_not_decoded_again(engine: LlamaCppEngine) -> N
     assert second_prompt > 200
     assert second < 20  # only the new question and the turn's end: the system prompt was kept
     repeated, _ = await decoded(asking("Is it sunny in Rome?"))
+    assert texts[2] == texts[1]  # a reused prefix does not change the answer
     assert repeated == 2  # the last two prompt tokens are decoded again (see BatchScheduler._step)
 
 
@@ -228,6 +232,19 @@ async def test_long_prompts_are_prefilled_in_chunks_while_others_decode() -> Non
         assert (await long)[2].usage.prompt_tokens > 400
     finally:
         await engine.close()
+
+
+async def test_closing_the_engine_ends_running_streams_with_an_error() -> None:
+    engine = LlamaCppEngine(ModelSettings(context_tokens=256, threads=2, parallel=2, embeddings=False))
+    await engine.start()
+    running = engine.generate(counting(200))
+    assert (await anext(running)).text
+    await engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        async for _ in running:
+            pass
+    with pytest.raises(EngineError, match="not loaded"):
+        await collect(engine.generate(counting(2)))
 
 
 async def test_the_scheduler_sleeps_while_idle(engine: LlamaCppEngine) -> None:
