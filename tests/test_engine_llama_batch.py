@@ -111,9 +111,12 @@ async def test_a_cancelled_stream_frees_its_slot_for_a_waiting_request(engine: L
     streams = [engine.generate(counting(400)) for _ in range(4)]
     for stream in streams:
         assert (await anext(stream)).text
+    # A request that gives up while waiting never takes a slot: it would count to 400 before the fifth.
+    gave_up = asyncio.create_task(collect(engine.generate(counting(400))))
     fifth = asyncio.create_task(timed(engine.generate(chat("Hi", max_tokens=4, temperature=0))))
     await asyncio.sleep(1.0)
-    assert not fifth.done()  # all four slots are busy counting
+    assert not fifth.done() and not gave_up.done()  # all four slots are busy counting
+    gave_up.cancel()
     await streams[0].aclose()  # type: ignore[attr-defined]
     _, _, result = await asyncio.wait_for(fifth, timeout=20)
     assert result.usage.completion_tokens <= 4

@@ -95,17 +95,20 @@ class BatchScheduler:
             return False
 
     def _admit(self) -> None:
+        """Waiting requests take the free slots in order; those cancelled while waiting are dropped."""
+        if any(sequence.cancelled.is_set() for sequence in self._waiting):
+            for sequence in self._waiting:
+                if sequence.cancelled.is_set():
+                    sequence.close()
+            # Closed ones have no sampler left (a cancel that comes meanwhile waits for the next look).
+            self._waiting = deque(sequence for sequence in self._waiting if sequence.sampler is not None)
         while self._waiting and self._slots.has_free():
-            sequence = self._waiting.popleft()
-            if sequence.cancelled.is_set():
-                sequence.close()
-            else:
-                self._slots.admit(sequence)
+            self._slots.admit(self._waiting.popleft())
 
     def _step(self) -> None:
         """One call for the next token of every decoding sequence, then one per prompt chunk.
 
-        Long because it says why the calls are apart. llama.cpp computes a micro-batch that holds one
+        The calls are apart because llama.cpp computes a micro-batch that holds one
         token per sequence (a decode) by other kernels than one that holds several (a prompt), and
         the two differ in the last bits. A batch that mixes them is cut by llama.cpp into
         micro-batches of equal tokens per sequence, which may leave a prompt's token alone in one:
