@@ -68,6 +68,8 @@ class ModelSettings(BaseModel):
     context_tokens: int = Field(default=2048, ge=16, le=1_048_576)
     threads: int | None = Field(default=None, ge=1, le=1024)
     batch_tokens: int = Field(default=512, ge=1)
+    # Sequences one llama.cpp context decodes together (continuous batching); None: the engine picks.
+    parallel: int | None = Field(default=None, ge=1, le=64)
     gpu_layers: int = Field(default=-1, ge=-1)
     embeddings: bool = True
     chat_template: str | None = None

@@ -182,8 +182,9 @@ async def test_a_cut_inside_a_character_drops_it_instead_of_replacing_it(engine:
         tokens = itertools.islice(llama.generate(prompt, temp=0, repeat_penalty=1.0), 6)
         return [llama.detokenize([token]) for token in tokens]
 
-    # The model's own tokens at temperature 0, on the engine's thread (llama.cpp is not thread-safe).
-    pieces = await asyncio.get_running_loop().run_in_executor(engine._generate_thread, greedy_pieces)
+    # The model's own tokens at temperature 0, in the Llama's own context (the engine's scheduler
+    # decodes in a batched context of its own, so this thread shares no context with it).
+    pieces = await asyncio.to_thread(greedy_pieces)
     cuts = [size for size in range(1, 7) if ends_inside_a_character(b"".join(pieces[:size]))]
     assert cuts, f"no budget from 1 to 6 ends inside a character: {pieces}"
     for max_tokens in range(1, 7):

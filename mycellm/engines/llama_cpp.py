@@ -1,24 +1,23 @@
-"""llama.cpp engine: any GGUF file (the bundled SmolLM2 by default), chat template from the GGUF."""
+"""llama.cpp engine: any GGUF file (the bundled SmolLM2 by default), chat template from the GGUF, continuous batching."""
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
-import random
-import threading
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp._internals import LlamaContext, LlamaSampler
 
 from mycellm.config import ModelSettings
-from mycellm.engines.continuation import ContinuationStopMatcher, continuation_budget, resume_refused
-from mycellm.engines.grammar import compile_grammar, end_tool_call, response_format_grammar, tool_grammar_for
+from mycellm.engines.llama_prompts import PreparedRequest, chat_formatter, prepare_request
+from mycellm.engines.llama_sampling import build_sampler
+from mycellm.engines.llama_scheduler import BatchScheduler
+from mycellm.engines.llama_sequence import LlamaSequence
 from mycellm.engines.model_files import resolve_model_path
 from mycellm.engines.names import model_name_for, model_tier_for
 from mycellm.errors import (
@@ -31,7 +30,6 @@ from mycellm.errors import (
 from mycellm.types import (
     EmbeddingRequest,
     EmbeddingResult,
-    FinishReason,
     GenerationChunk,
     GenerationRequest,
     ModelInfo,
@@ -40,20 +38,21 @@ from mycellm.types import (
 
 logger = logging.getLogger(__name__)
 
+# An unset ``parallel``: as many windows as fit in 8192 KV cells, at most 4 (4 of 2048 tokens, 2 of
+# 4096, 1 of 8192 or more). What more sequences cost is memory (the KV cache holds parallel x
+# window cells, allocated at start), not compute (a free slot decodes nothing), so the rule reads
+# the window, not the cores: the cache stays the size of one 8k-token context. 4 because on CPUs
+# the aggregate rate gains little past about 4 streams while each stream gets slower.
+DEFAULT_PARALLEL_CELLS = 8192
+DEFAULT_PARALLEL_MAX = 4
+# llama-cpp-python's Llama brings a context of its own; the engine uses it for nothing (the
+# batched context is built beside it on the same model), so it is kept as small as llama.cpp allows.
+UNUSED_CONTEXT_TOKENS = 256
+UNUSED_BATCH_TOKENS = 16
 
-@dataclass(frozen=True)
-class _Prepared:
-    """A request turned into tokens and sampling choices, checked against the context window."""
 
-    request: GenerationRequest
-    tokens: list[int]  # the prompt, then the continuation of a resumed generation
-    prompt_tokens: int  # the prompt alone
-    continuation_tokens: int
-    max_new_tokens: int  # zero or less when the continuation already used the budget
-    stops: tuple[str, ...]
-    grammar_text: str | None
-    grammar_is_schema: bool
-    forced_tool: str | None  # the function whose arguments the grammar produces
+def default_parallel(context_tokens: int) -> int:
+    return min(DEFAULT_PARALLEL_MAX, max(1, DEFAULT_PARALLEL_CELLS // context_tokens))
 
 
 class LlamaCppEngine:
@@ -64,37 +63,54 @@ class LlamaCppEngine:
         self._name = model_name_for(settings)
         self._llama: llama_cpp.Llama | None = None
         self._embedder: llama_cpp.Llama | None = None
-        self._formatter: Jinja2ChatFormatter | None = None
-        # llama.cpp contexts are not thread-safe: one thread generates, another embeds.
-        self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-generate")
+        self._formatter: Any = None
+        self._context: LlamaContext | None = None
+        self._scheduler: BatchScheduler | None = None
+        # llama.cpp contexts are not thread-safe: the scheduler's thread generates, another embeds.
         self._embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-embed")
         self._embed_lock = asyncio.Lock()
-        self._closing = threading.Event()
         self._path: Path | None = None
 
     @property
     def threads(self) -> int:
-        import os
-
         return self._settings.threads or os.cpu_count() or 1
+
+    @property
+    def parallel(self) -> int:
+        """Requests decoded together, each in a sequence of its own with a full context window."""
+        return self._settings.parallel or default_parallel(self._settings.context_tokens)
+
+    @property
+    def context_tokens(self) -> int:
+        """The window of one request (the context holds ``parallel`` of them)."""
+        return self._settings.context_tokens
+
+    @property
+    def _step_tokens(self) -> int:
+        """Tokens of one step: ``batch_tokens``, and at least room for a prompt chunk beside every decode."""
+        return max(self._settings.batch_tokens, self.parallel + 3)
+
+    @property
+    def _chunk_tokens(self) -> int:
+        """The longest prompt chunk: one micro-batch (llama.cpp's usual 512 at most)."""
+        return min(self._step_tokens, 512)
+
+    @property
+    def prompt_tokens_decoded(self) -> int:
+        """Prompt tokens decoded so far; a prefix a slot already held is not decoded again."""
+        return self._scheduler.prompt_tokens_decoded if self._scheduler is not None else 0
 
     async def start(self) -> None:
         self._path = resolve_model_path(self._settings.path)
-        loop = asyncio.get_running_loop()
-        self._llama = await loop.run_in_executor(self._generate_thread, self._load, False)
-        template = self._settings.chat_template or self._llama.metadata.get("tokenizer.chat_template")
-        if template:
-            model = self._llama._model
-            eos, bos = self._llama.token_eos(), self._llama.token_bos()
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=model.token_get_text(eos) if eos != -1 else "",
-                bos_token=model.token_get_text(bos) if bos != -1 else "",
-            )
+        self._llama = await asyncio.to_thread(self._load, False)
+        self._context = await asyncio.to_thread(self._batched_context, self._llama)
+        self._formatter = chat_formatter(self._llama, self._settings.chat_template)
+        self._scheduler = BatchScheduler(self._context, self.parallel, self._step_tokens, self._chunk_tokens)
         logger.info(
-            "loaded %s from %s (context %d, %d threads)",
+            "loaded %s from %s (%d sequences of %d tokens, %d threads)",
             self._name,
             self._path,
+            self.parallel,
             self.context_tokens,
             self.threads,
         )
@@ -103,7 +119,8 @@ class LlamaCppEngine:
         assert self._path is not None
         options: dict[str, Any] = {
             "model_path": str(self._path),
-            "n_ctx": self._settings.context_tokens,
+            "n_ctx": UNUSED_CONTEXT_TOKENS,
+            "n_batch": UNUSED_BATCH_TOKENS,
             "n_threads": self.threads,
             "n_threads_batch": self.threads,
             "n_gpu_layers": self._settings.gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0,
@@ -114,30 +131,41 @@ class LlamaCppEngine:
             options |= {
                 "embedding": True,
                 "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                "n_ctx": self._settings.context_tokens,
                 "n_batch": self._settings.context_tokens,
                 "n_ubatch": self._settings.context_tokens,
             }
-        else:
-            options["n_batch"] = self._settings.batch_tokens
         try:
             return llama_cpp.Llama(**options)
         except (ValueError, RuntimeError) as error:
             raise EngineError(f"llama.cpp could not load {self._path}: {error}") from error
 
-    @property
-    def context_tokens(self) -> int:
-        return self._llama.n_ctx() if self._llama is not None else self._settings.context_tokens
+    def _batched_context(self, llama: llama_cpp.Llama) -> LlamaContext:
+        """A context of ``parallel`` separate KV streams of a full window each, on the loaded model,
+        with the Llama's other settings (threads, no flash attention: the same numbers as before)."""
+        params = llama_cpp.llama_context_params.from_buffer_copy(llama.context_params)
+        params.n_ctx = self.parallel * self.context_tokens
+        params.n_seq_max = self.parallel
+        params.kv_unified = False  # each sequence attends over its own cells only
+        params.n_batch = self._step_tokens
+        params.n_ubatch = self._chunk_tokens
+        try:
+            return LlamaContext(model=llama._model, params=params, verbose=False)
+        except ValueError as error:
+            raise EngineError(f"llama.cpp could not make a context for {self._path}: {error}") from error
 
     async def close(self) -> None:
-        # A generation still running stops at its next token; the contexts are freed only once no
-        # thread uses them (freeing one mid-decode crashes the process).
-        self._closing.set()
-        for thread in (self._generate_thread, self._embed_thread):
-            await asyncio.to_thread(thread.shutdown, wait=True, cancel_futures=True)
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
+        # Contexts are freed only once no thread uses them (freeing one mid-decode crashes the process).
+        await asyncio.to_thread(self._embed_thread.shutdown, wait=True, cancel_futures=True)
+        if self._context is not None:
+            self._context.close()
         for llama in (self._llama, self._embedder):
             if llama is not None:
                 llama.close()
         self._llama = self._embedder = None
+        self._context = self._scheduler = None
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -155,17 +183,31 @@ class LlamaCppEngine:
     # -- generation -------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        llama = self._require_loaded()
-        prepared = await asyncio.to_thread(self._prepare, llama, request)
+        llama, scheduler = self._require_loaded()
+        prepared, sampler = await asyncio.to_thread(self._open, llama, request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | MycellmError] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(item: GenerationChunk | MycellmError) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        loop.run_in_executor(self._generate_thread, self._run, llama, prepared, emit, cancelled)
+        vocab = llama._model.vocab
+        sequence = LlamaSequence(
+            prepared,
+            sampler,
+            emit,
+            detokenize=lambda token: llama.detokenize([token]),
+            is_end=lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token)),
+        )
         try:
+            if not sequence.start():
+                sequence.close()  # it ended before any token: nothing to decode
+            else:
+                try:
+                    scheduler.submit(sequence)
+                except EngineError:
+                    sequence.close()
+                    raise
             while True:
                 item = await queue.get()
                 if isinstance(item, MycellmError):
@@ -174,7 +216,8 @@ class LlamaCppEngine:
                 if item.is_final:
                     return
         finally:
-            cancelled.set()
+            sequence.cancelled.set()
+            scheduler.wake()
 
     async def count_tokens(self, request: GenerationRequest, text: str) -> Usage | None:
         """The tokens of ``request``'s prompt as this engine renders it, and of ``text`` (what an
@@ -190,172 +233,26 @@ class LlamaCppEngine:
         answer = llama.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
         return Usage(prompt_tokens=prompt, completion_tokens=len(answer))
 
-    def _require_loaded(self) -> llama_cpp.Llama:
-        if self._llama is None:
+    def _require_loaded(self) -> tuple[llama_cpp.Llama, BatchScheduler]:
+        if self._llama is None or self._scheduler is None:
             raise EngineError(f"model {self._name} is not loaded")
-        return self._llama
+        return self._llama, self._scheduler
 
-    def _prepare(self, llama: llama_cpp.Llama, request: GenerationRequest) -> _Prepared:
-        stops = list(request.stop)
-        forced_tool, tool_grammar = tool_grammar_for(request)
-        if request.messages is not None:
-            if self._formatter is None:
-                raise InvalidRequestError(f"model {self._name} has no chat template; use /v1/completions")
-            tools: Any = list(request.tools) if request.tools and forced_tool is None else None
-            messages: Any = list(request.messages)
-            try:
-                formatted = self._formatter(messages=messages, tools=tools)
-            except Exception as error:  # the template is model-supplied Jinja; any failure is the input's
-                raise InvalidRequestError(
-                    f"messages cannot be rendered by the chat template: {error}", param="messages"
-                ) from error
-            prompt_text, add_bos = formatted.prompt, not formatted.added_special
-            stops.extend(stop for stop in (formatted.stop or []) if isinstance(stop, str))
-            param = "messages"
-        else:
-            assert request.prompt is not None
-            prompt_text, add_bos = request.prompt, llama._model.add_bos_token()
-            param = "prompt"
-        grammar_text, is_schema = tool_grammar, tool_grammar is not None
-        if grammar_text is None and request.response_format:
-            grammar_text, is_schema = response_format_grammar(request.response_format)
-        if request.continuation and grammar_text is not None:
-            # A grammar's state cannot be rebuilt from text produced under it by another engine.
-            raise resume_refused("cannot resume a constrained generation")
-        prompt = llama.tokenize(prompt_text.encode("utf-8"), add_bos=add_bos, special=True)
-        limit = llama.n_ctx()
-        if len(prompt) >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens, but the {param} has {len(prompt)} tokens.",
-                param=param,
-            )
-        tokens = prompt
-        if request.continuation:
-            # Tokenized together, as one generation would have had them; text merges at the seam
-            # may make the count differ from the earlier attempt's by a token.
-            text = prompt_text + request.continuation
-            tokens = llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-        continuation_tokens = max(0, len(tokens) - len(prompt))
-        max_new = continuation_budget(request.max_tokens, continuation_tokens, room=limit - len(tokens))
-        return _Prepared(
-            request=request,
-            tokens=tokens,
-            prompt_tokens=len(prompt),
-            continuation_tokens=continuation_tokens,
-            max_new_tokens=max_new,
-            stops=tuple(stops),
-            grammar_text=grammar_text,
-            grammar_is_schema=is_schema,
-            forced_tool=forced_tool,
-        )
+    def _prepare(self, llama: llama_cpp.Llama, request: GenerationRequest) -> PreparedRequest:
+        return prepare_request(llama, self._formatter, request, self._name, self.context_tokens)
 
-    def _run(
-        self,
-        llama: llama_cpp.Llama,
-        prepared: _Prepared,
-        emit: Callable[[GenerationChunk | MycellmError], None],
-        cancelled: threading.Event,
-    ) -> None:
-        if cancelled.is_set():
-            return
-        try:
-            self._generate_tokens(llama, prepared, emit, cancelled)
-        except MycellmError as error:
-            emit(error)
-        except Exception as error:  # a llama.cpp failure must reach the caller, not die in this thread
-            logger.exception("generation failed")
-            emit(EngineError(f"llama.cpp generation failed: {error}"))
-
-    def _generate_tokens(
-        self,
-        llama: llama_cpp.Llama,
-        prepared: _Prepared,
-        emit: Callable[[GenerationChunk | MycellmError], None],
-        cancelled: threading.Event,
-    ) -> None:
-        request = prepared.request
-        matcher = ContinuationStopMatcher(prepared.stops, request.continuation)
-        if request.echo and request.prompt is not None and not request.continuation:
-            emit(GenerationChunk(text=request.prompt))
-        if prepared.max_new_tokens <= 0 or matcher.stopped:
-            # A continuation that used the whole budget (or the context), or ends in a stop string.
-            usage = Usage(
-                prompt_tokens=prepared.prompt_tokens,
-                completion_tokens=prepared.continuation_tokens,
-                continuation_tokens=prepared.continuation_tokens,
-            )
-            emit(GenerationChunk(finish_reason="stop" if matcher.stopped else "length", usage=usage))
-            return
-        tool_text: list[str] = []
-
-        def send(text: str) -> None:
-            if prepared.forced_tool is not None:
-                tool_text.append(text)
-            else:
-                emit(GenerationChunk(text=text))
-
-        if (ended := self._sample(llama, prepared, matcher, send, cancelled)) is None:
-            return  # the caller went away
-        finish, produced = ended
-        tail = matcher.flush()
-        usage = Usage(
-            prompt_tokens=prepared.prompt_tokens,
-            completion_tokens=prepared.continuation_tokens + produced,
-            continuation_tokens=prepared.continuation_tokens,
-        )
-        if prepared.forced_tool is None:
-            emit(GenerationChunk(text=tail, finish_reason=finish, usage=usage))
-        else:
-            emit(end_tool_call(prepared.forced_tool, "".join(tool_text) + tail, finish, usage))
-
-    def _sample(
-        self,
-        llama: llama_cpp.Llama,
-        prepared: _Prepared,
-        matcher: ContinuationStopMatcher,
-        send: Callable[[str], None],
-        cancelled: threading.Event,
-    ) -> tuple[FinishReason, int] | None:
-        """Generate up to the budget, sending text once safe; how it ended and the tokens it made."""
-        request = prepared.request
-        grammar = compile_grammar(prepared.grammar_text, prepared.grammar_is_schema)
-        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
-        # Invalid bytes inside the text become U+FFFD; those of a character cut by the end (limit, stop
-        # or end of turn) stay pending in the decoder, which is never flushed: they are dropped.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llama._model.vocab
-        produced = 0
-        for token in llama.generate(
-            prepared.tokens,
-            temp=request.temperature,
-            top_p=request.top_p,
-            top_k=40 if request.temperature > 0 else 1,
-            min_p=0.05 if request.temperature > 0 else 0.0,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            repeat_penalty=1.0,
-            grammar=grammar,
-        ):
-            if cancelled.is_set() or self._closing.is_set():
-                return None
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                return "stop", produced
-            produced += 1
-            text = matcher.feed(decoder.decode(llama.detokenize([token])))
-            if text:
-                send(text)
-            if matcher.stopped:
-                return "stop", produced
-            if produced >= prepared.max_new_tokens:
-                return "length", produced
-        return "length", produced
+    def _open(
+        self, llama: llama_cpp.Llama, request: GenerationRequest
+    ) -> tuple[PreparedRequest, LlamaSampler]:
+        prepared = self._prepare(llama, request)
+        return prepared, build_sampler(llama._model, prepared)
 
     # -- embeddings -------------------------------------------------------------------------
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         if not self._settings.embeddings:
             raise UnsupportedParameterError(f"model {self._name} does not serve embeddings", param="model")
-        llama = self._require_loaded()
+        llama, _ = self._require_loaded()
         loop = asyncio.get_running_loop()
         async with self._embed_lock:
             if self._embedder is None:
