@@ -2,7 +2,9 @@
 
 Both serve the same GGUF file with the same thread count, in one run, measured alternately.
 Prints median time to first token, decode tokens/s and aggregate tokens/s, streaming and not,
-at 1 and 4 concurrent clients, and our/peer ratios.
+at 1 and 4 concurrent clients, and our/peer ratios; the CPU seconds per 1,000 tokens of each
+side's processes; and, by kind of process, the share of one core our node's processes use while
+one answer streams and while idle (the engine's worker apart from the rest of the stack).
 
     .venv/bin/python bench/local_overhead.py [--requests 8] [--max-tokens 128] [--threads 2]
 """
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -24,6 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.cpu import cpu_by_kind, since  # noqa: E402
 from bench.openai_load import ScenarioResult, run_scenario  # noqa: E402
 from mycellm.engines.model_files import resolve_model_path  # noqa: E402
 from mycellm.engines.names import BUNDLED_NAME  # noqa: E402
@@ -87,9 +91,17 @@ def ratio(ours: float | None, theirs: float | None) -> str:
     return "-" if not ours or not theirs else f"{ours / theirs:.3f}"
 
 
-async def measure(targets: dict[str, str], args: argparse.Namespace) -> dict[str, dict[str, ScenarioResult]]:
+ENGINE_KINDS = ("InferenceWorker",)  # where the model runs; everything else is the stack
+IDLE_S = 20.0
+
+
+async def measure(
+    targets: dict[str, str], roots: dict[str, int], args: argparse.Namespace
+) -> tuple[dict[str, dict[str, ScenarioResult]], dict[str, dict[str, Counter[str]]]]:
+    """Each scenario's samples per side, and the CPU seconds each side's processes used in it."""
     scenarios = [(1, True), (1, False), (4, True), (4, False)]
     results: dict[str, dict[str, ScenarioResult]] = {name: {} for name in targets}
+    cpu: dict[str, dict[str, Counter[str]]] = {name: {} for name in targets}
     for url in targets.values():  # warm both: model pages, prompt cache paths, connections
         await run_scenario(url, BUNDLED_NAME, PROMPTS[:2], concurrency=1, stream=True, max_tokens=16)
     for concurrency, stream in scenarios:
@@ -100,6 +112,7 @@ async def measure(targets: dict[str, str], args: argparse.Namespace) -> dict[str
         parts: dict[str, list[ScenarioResult]] = {name: [] for name in targets}
         for chunk in (prompts[:half], prompts[half:]):
             for name, url in targets.items():
+                before = cpu_by_kind(roots[name])
                 parts[name].append(
                     await run_scenario(
                         url,
@@ -110,12 +123,55 @@ async def measure(targets: dict[str, str], args: argparse.Namespace) -> dict[str
                         max_tokens=args.max_tokens,
                     )
                 )
+                cpu[name][key] = cpu[name].get(key, Counter()) + since(before, cpu_by_kind(roots[name]))
         for name in targets:
             merged = ScenarioResult(
                 [s for part in parts[name] for s in part.samples], sum(p.wall_s for p in parts[name])
             )
             results[name][key] = merged
-    return results
+    return results, cpu
+
+
+def idle_cpu(roots: dict[str, int]) -> dict[str, Counter[str]]:
+    """Each side's CPU seconds by kind of process over IDLE_S seconds of no requests."""
+    before = {name: cpu_by_kind(root) for name, root in roots.items()}
+    time.sleep(IDLE_S)
+    return {name: since(before[name], cpu_by_kind(root)) for name, root in roots.items()}
+
+
+def report_cpu(
+    results: dict[str, dict[str, ScenarioResult]],
+    cpu: dict[str, dict[str, Counter[str]]],
+    idle: dict[str, Counter[str]],
+) -> None:
+    print(
+        f"\n{'scenario':<14}{'CPU s per 1,000 tokens':<24}{'mycellm':>10}{'llama_cpp.server':>18}{'ratio':>9}"
+    )
+    for key in results["mycellm"]:
+        per_1000 = {
+            name: sum(cpu[name][key].values())
+            / max(1, sum(s.completion_tokens for s in results[name][key].samples))
+            * 1000
+            for name in results
+        }
+        print(
+            f"{key:<14}{'':<24}{per_1000['mycellm']:>10.2f}{per_1000['peer']:>18.2f}{ratio(per_1000['mycellm'], per_1000['peer']):>9}"
+        )
+    wall = results["mycellm"]["stream c=1"].wall_s
+    streaming = cpu["mycellm"]["stream c=1"]
+    print(f"\nour processes, % of one core    {'stream c=1':>12}{'idle':>8}")
+    for kind in sorted(set(streaming) | set(idle["mycellm"]), key=lambda k: -streaming.get(k, 0.0)):
+        busy, quiet = streaming.get(kind, 0.0) / wall * 100, idle["mycellm"].get(kind, 0.0) / IDLE_S * 100
+        if busy >= 0.05 or quiet >= 0.05:
+            print(f"  {kind[:30]:<30}{busy:>12.1f}{quiet:>8.1f}")
+    stack = sum(v for k, v in streaming.items() if k not in ENGINE_KINDS) / wall * 100
+    stack_idle = sum(v for k, v in idle["mycellm"].items() if k not in ENGINE_KINDS) / IDLE_S * 100
+    print(
+        f"  {'the stack besides the engine':<30}{stack:>12.1f}{stack_idle:>8.1f}   target <= 10 streaming, <= 3 idle"
+    )
+    print(
+        f"  {'llama_cpp.server (all)':<30}{sum(streaming.values()) and sum(cpu['peer']['stream c=1'].values()) / results['peer']['stream c=1'].wall_s * 100:>12.1f}{sum(idle['peer'].values()) / IDLE_S * 100:>8.1f}"
+    )
 
 
 def report(results: dict[str, dict[str, ScenarioResult]]) -> list[dict[str, object]]:
@@ -165,8 +221,12 @@ def main() -> None:
         print(
             f"model {model_path.name}, {args.threads} threads, max_tokens {args.max_tokens}, cores {os.cpu_count()}"
         )
-        results = asyncio.run(measure(targets, args))
+        assert node.process is not None
+        roots = {"mycellm": node.process.pid, "peer": peer.pid}
+        idle = idle_cpu(roots)
+        results, cpu = asyncio.run(measure(targets, roots, args))
         rows = report(results)
+        report_cpu(results, cpu, idle)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
     finally:
