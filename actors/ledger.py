@@ -16,7 +16,7 @@ from mycellm.ledger.pricing import PriceTable, credits
 from mycellm.ledger.receipts import Receipt
 from mycellm.ledger.records import RequestTotals, ServedRequestRecord
 from mycellm.ledger.served import ServedRecord
-from mycellm.ledger.spend_book import Proof, SpendView
+from mycellm.ledger.spend_book import Proof
 from mycellm.ledger.spends import Kind
 from mycellm.ledger.store import Store
 from mycellm.types import AccountId, NetworkId, PeerId, RequestId
@@ -136,11 +136,6 @@ class Ledger(ApiKeyCalls):
         self, statement: bytes, open_total: int, *, network_id: NetworkId | None = None
     ) -> int:
         return await self._credits(network_id).record_hold(statement, open_total)
-
-    async def spend_view(
-        self, account_id: AccountId, seq: int, held_before: int, *, network_id: NetworkId | None = None
-    ) -> SpendView:
-        return await self._credits(network_id).spend_view(account_id, seq, held_before)
 
     async def spend_head(
         self, account_id: AccountId, *, network_id: NetworkId | None = None

@@ -49,8 +49,7 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def engine() -> LlamaCppEngine:
-    engine = LlamaCppEngine(ModelSettings(context_tokens=512, threads=2))
-    asyncio.run(engine.start())
+    asyncio.run((engine := LlamaCppEngine(ModelSettings(context_tokens=512, threads=2))).start())
     return engine
 
 
@@ -94,10 +93,9 @@ def _peer_streams(link: PeerLink) -> int:
 
 
 async def _answer(stream: FrameStream) -> DoneMessage | ErrorMessage:
-    while True:
-        message = await stream.receive(60.0)
-        if isinstance(message, DoneMessage | ErrorMessage):
-            return message
+    while not isinstance(message := await stream.receive(60.0), DoneMessage | ErrorMessage):
+        pass
+    return message
 
 
 async def test_a_reset_stream_flood_keeps_no_state_and_other_links_are_served(
@@ -230,25 +228,22 @@ async def test_requests_over_the_per_peer_cap_are_refused_before_any_work(
     server = await _start(services, peer_service(tmp_path, "server", [engine], max_requests_per_peer=cap))
     hostile = await _start(services, peer_service(tmp_path, "hostile"))
     session = await _linked(hostile, server)
+    network = shared_network(tmp_path)
     streams = []
     for index in range(50):
-        stream = session.link.open_stream()
-        stream.send(
-            InferenceMessage(request=_request(engine, f"flood-{index}", 16, shared_network(tmp_path)))
-        )
-        streams.append(stream)
+        streams.append(stream := session.link.open_stream())
+        stream.send(InferenceMessage(request=_request(engine, f"flood-{index}", 16, network)))
     answers = await asyncio.gather(*(_answer(stream) for stream in streams))
     done = [answer for answer in answers if isinstance(answer, DoneMessage)]
     refused = [answer for answer in answers if isinstance(answer, ErrorMessage)]
-    # Served ones may end while the flood still arrives (and free their place), so the bound is on
-    # how many were served at once, as the server counted them.
+    # Served ones may end (freeing their place) while the flood arrives: the bound is on the peak.
     assert server._requests.peak_per_peer == cap
     assert len(done) + len(refused) == 50 and len(refused) >= 50 - 3 * cap
     assert {answer.code for answer in refused} == {"too_many_requests"}
     await wait_for(lambda: server.serving == 0, 10.0, "the served requests to end")
     assert server._requests._per_peer == {}
     stream = session.link.open_stream()  # within the cap again: served as before
-    stream.send(InferenceMessage(request=_request(engine, "after", network=shared_network(tmp_path))))
+    stream.send(InferenceMessage(request=_request(engine, "after", network=network)))
     assert isinstance(await _answer(stream), DoneMessage)
 
 

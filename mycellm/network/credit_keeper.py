@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 from mycellm.ledger.admissions import HoldCheck
 from mycellm.ledger.receipts import Receipt
 from mycellm.ledger.served import ServedRecord
-from mycellm.ledger.spend_book import Proof, SpendView
+from mycellm.ledger.spend_book import Proof
 from mycellm.ledger.spends import Kind
 from mycellm.types import AccountId, PeerId, RequestId
 
@@ -40,8 +40,6 @@ class CreditKeeper(Protocol):
     ) -> HoldCheck: ...
 
     async def record_hold(self, statement: bytes, open_total: int) -> int: ...
-
-    async def spend_view(self, account_id: AccountId, seq: int, held_before: int) -> SpendView: ...
 
     async def spend_head(self, account_id: AccountId) -> tuple[int, int]: ...
 
