@@ -1,7 +1,7 @@
 """InferenceWorker: one per GPU (or one CPU worker); a Ray shell around one engine's EngineStreams.
 
 Contract: it owns one engine and the streams of the generations it runs. The ingress and the
-PeerManager call it (open/pull/cancel/complete/embed by request id; count_tokens to check a
+PeerManager call it (open, then follow or pull; cancel/complete/embed by request id; count_tokens to check a
 seeder's usage); ``cancel`` of an unknown or finished id is a no-op, and ``stop`` may be called
 more than once.
 """
@@ -9,6 +9,7 @@ more than once.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 
 import ray
 
@@ -33,7 +34,7 @@ class InferenceWorker:
         name: str,
         settings: ModelSettings,
         idle_timeout_s: float = 60.0,
-        stream_interval_s: float = 0.02,
+        stream_interval_s: float = 0.05,
     ) -> None:
         self._settings = settings
         self._metrics = WorkerMetrics(name)
@@ -71,6 +72,15 @@ class InferenceWorker:
             self._metrics.saw(chunk)
             self._metrics.running(self._streams.active)
         return chunk
+
+    async def follow(self, request_id: str) -> AsyncIterator[GenerationChunk]:
+        """The rest of an opened stream, one Ray streaming-generator item per delivery: the reader
+        makes no call per delivery (a pull is a whole actor task on each side)."""
+        async for chunk in self._streams.follow(request_id):
+            if chunk.is_final:
+                self._metrics.saw(chunk)
+                self._metrics.running(self._streams.active)
+            yield chunk
 
     async def cancel(self, request_id: str) -> bool:
         cancelled = await self._streams.cancel(request_id)

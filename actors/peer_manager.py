@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import ray
@@ -141,6 +142,11 @@ class PeerManager:
 
     async def pull(self, request_id: RequestId, wait_s: float = 30.0) -> GenerationChunk | None:
         return await self._service.pull(request_id, wait_s)
+
+    async def follow(self, request_id: RequestId) -> AsyncIterator[GenerationChunk]:
+        """The rest of an opened stream, one Ray streaming-generator item per delivery."""
+        async for chunk in self._service.follow(request_id):
+            yield chunk
 
     async def cancel(self, request_id: RequestId) -> bool:
         return await self._service.cancel(request_id)

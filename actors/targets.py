@@ -7,6 +7,7 @@ from typing import Any
 import ray
 
 from actors.calls import call_actor, cancel_quietly
+from actors.follow import FollowedStream
 from mycellm.errors import NoRouteError
 from mycellm.routing.ranking import Route
 from mycellm.types import (
@@ -18,9 +19,6 @@ from mycellm.types import (
     Usage,
 )
 
-# A pull waits up to its own wait_s for text; the call itself gets this much more.
-PULL_SLACK_S = 30.0
-
 
 class ActorTarget:
     """A RouteTarget over an actor: an InferenceWorker, or the PeerManager for ``peer_id``."""
@@ -30,6 +28,7 @@ class ActorTarget:
         self._timeout_s = timeout_s
         # A worker is called with the request alone; the PeerManager also needs the peer's id.
         self._via: tuple[str, ...] = () if peer_id is None else (peer_id,)
+        self._followed: dict[str, FollowedStream] = {}  # streams opened here, read as generators
 
     async def open(self, request: GenerationRequest, wait_s: float) -> GenerationChunk:
         chunk: GenerationChunk = await call_actor(
@@ -38,13 +37,21 @@ class ActorTarget:
         return chunk
 
     async def pull(self, request_id: str, wait_s: float) -> GenerationChunk | None:
-        chunk: GenerationChunk | None = await call_actor(
-            self._handle.pull.remote(request_id, wait_s), wait_s + PULL_SLACK_S
-        )
-        return chunk
+        """What the stream delivered since the last pull, read from the actor's ``follow``."""
+        followed = self._followed.get(request_id)
+        if followed is None:
+            followed = self._followed[request_id] = FollowedStream(self._handle.follow, request_id)
+        try:
+            return await followed.next(wait_s)
+        finally:
+            if followed.ended:
+                self._followed.pop(request_id, None)
 
     def cancel(self, request_id: str) -> None:
+        followed = self._followed.pop(request_id, None)
         cancel_quietly(self._handle.cancel, request_id)
+        if followed is not None:
+            followed.close()
 
     def settle_broken(self, request_id: str, usage: Usage) -> None:
         if self._via:  # a peer is paid for what it sent before it broke; local workers are free

@@ -152,7 +152,7 @@ class NodeSettings(BaseSettings):
     stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     # A peer silent this long mid-answer (or longer, at the stream's pace) is probed; no pong: failover.
     stall_floor_s: float = Field(default=1.0, gt=0, le=60)
-    stream_interval_s: float = Field(default=0.02, ge=0, le=1)
+    stream_interval_s: float = Field(default=0.05, ge=0, le=1)
     quic_host: str | None = None
     advertise_address: str | None = None
     bootstrap_peers: tuple[str, ...] = ()

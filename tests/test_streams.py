@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from mycellm.engines.streams import ChunkBuffer
+from mycellm.engines.streams import ChunkBuffer, StreamTable, merge_chunks
 from mycellm.errors import EngineError
-from mycellm.types import GenerationChunk, ToolCall, Usage
+from mycellm.types import GenerationChunk, RequestId, ToolCall, Usage
 
 USAGE = Usage(prompt_tokens=5, completion_tokens=3)
 
@@ -167,3 +167,35 @@ async def test_tool_calls_are_merged() -> None:
     assert chunk.finish_reason == "tool_calls"
     assert chunk.text == ""
     assert buffer.finished
+
+
+def test_merged_chunks_keep_order_and_the_end_of_the_last() -> None:
+    call = ToolCall(id="c1", name="f", arguments="{}")
+    merged = merge_chunks([GenerationChunk(text="a"), GenerationChunk(tool_calls=(call,)), final("b")])
+    assert merged == GenerationChunk(text="ab", tool_calls=(call,), finish_reason="stop", usage=USAGE)
+    assert merge_chunks([GenerationChunk(text="x"), GenerationChunk(text="y")]).is_final is False
+
+
+async def test_follow_yields_every_delivery_to_the_final_and_raises_a_failure() -> None:
+    table = StreamTable()
+
+    async def produce(buffer: ChunkBuffer) -> None:
+        for text in ("a", "b"):
+            buffer.put(GenerationChunk(text=text))
+            await asyncio.sleep(0.02)
+        buffer.put(final("c"))
+
+    table.start(RequestId("ok"), produce)
+    texts = [chunk.text async for chunk in table.follow(RequestId("ok"))]
+    assert "".join(texts) == "abc" and "ok" not in table
+
+    async def fail(buffer: ChunkBuffer) -> None:
+        buffer.put(GenerationChunk(text="a"))
+        raise EngineError("engine gone")
+
+    table.start(RequestId("bad"), fail)
+    seen = []
+    with pytest.raises(EngineError, match="engine gone"):
+        async for chunk in table.follow(RequestId("bad")):
+            seen.append(chunk.text)
+    assert seen == ["a"] and "bad" not in table

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from mycellm.errors import EngineError, InvalidRequestError, MycellmError, RequestCancelledError
 from mycellm.types import CompletionResult, GenerationChunk, RequestId, ToolCall
@@ -89,6 +89,19 @@ class ChunkBuffer:
         return bool(self._texts or self._tool_calls or self._final is not None or self._error is not None)
 
 
+def merge_chunks(chunks: Sequence[GenerationChunk]) -> GenerationChunk:
+    """One chunk of several in order: their text and tool calls, and the end of the last if it is final."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    return GenerationChunk(
+        text="".join(chunk.text for chunk in chunks),
+        tool_calls=tuple(call for chunk in chunks for call in chunk.tool_calls),
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+    )
+
+
 class _Entry:
     def __init__(self, task: asyncio.Task[None], buffer: ChunkBuffer) -> None:
         self.task = task
@@ -159,6 +172,17 @@ class StreamTable:
             await self.cancel(request_id)
             raise EngineError(f"no output for {request_id} within {wait_s:.0f} s")
         return chunk
+
+    async def follow(self, request_id: RequestId, wait_s: float = 30.0) -> AsyncIterator[GenerationChunk]:
+        """Every take of ``request_id`` to its final chunk, as they come (a reader that streams
+        them on, so it needs no request per delivery). Ends with the stream's error if it fails."""
+        while True:
+            chunk = await self.take(request_id, wait_s)
+            if chunk is None:  # nothing yet: the stream is still read, so it is not idle
+                continue
+            yield chunk
+            if chunk.is_final:
+                return
 
     async def collect(self, request_id: RequestId) -> CompletionResult:
         """Read a stream to its end as one result."""

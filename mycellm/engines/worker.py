@@ -7,6 +7,7 @@ benchmarks use it directly (``InProcessTarget`` makes it a route target).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from mycellm.engines.protocol import InferenceEngine
 from mycellm.engines.streams import ChunkBuffer, StreamTable
@@ -31,7 +32,7 @@ class EngineStreams:
         name: str,
         engine: InferenceEngine,
         idle_timeout_s: float = 60.0,
-        stream_interval_s: float = 0.02,
+        stream_interval_s: float = 0.05,
     ) -> None:
         self.name = name
         self.engine = engine
@@ -67,6 +68,10 @@ class EngineStreams:
     async def pull(self, request_id: RequestId, wait_s: float = 30.0) -> GenerationChunk | None:
         """Everything produced since the last pull; None if nothing came within ``wait_s``."""
         return await self._streams.take(request_id, wait_s)
+
+    def follow(self, request_id: RequestId) -> AsyncIterator[GenerationChunk]:
+        """The rest of an opened stream, each delivery as it is ready, to its final chunk."""
+        return self._streams.follow(request_id)
 
     async def cancel(self, request_id: RequestId) -> bool:
         return await self._streams.cancel(request_id)

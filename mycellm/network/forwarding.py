@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from mycellm.config import NodeSettings
@@ -112,6 +112,9 @@ class Forwarder:
 
     async def pull(self, request_id: RequestId, wait_s: float) -> GenerationChunk | None:
         return await self._outbound.take(request_id, wait_s)
+
+    def follow(self, request_id: RequestId) -> AsyncIterator[GenerationChunk]:
+        return self._outbound.follow(request_id)
 
     async def cancel(self, request_id: RequestId) -> bool:
         return await self._outbound.cancel(request_id)

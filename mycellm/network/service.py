@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from mycellm.config import NodeSettings, join_address, split_address
@@ -167,6 +167,10 @@ class PeerService:
 
     async def pull(self, request_id: RequestId, wait_s: float) -> GenerationChunk | None:
         return await self._forwarder.pull(request_id, wait_s)
+
+    def follow(self, request_id: RequestId) -> AsyncIterator[GenerationChunk]:
+        """The rest of an opened stream to a peer, each delivery as it is ready."""
+        return self._forwarder.follow(request_id)
 
     async def cancel(self, request_id: RequestId) -> bool:
         return await self._forwarder.cancel(request_id)
