@@ -5,12 +5,14 @@ Run by the node's driver every ``cluster_poll_s`` while it is joined to a cluste
 local Ray never gains machines). A machine that joins gets the workers ``plan_workers`` gives it;
 the workers of a machine that left are withdrawn: their routes leave the Resolver and the
 PeerManager, so no new request goes there, and the streams they were serving resume on the
-next route as after any worker's death (``mycellm/routing/failover.py``).
+next route as after any worker's death (``mycellm/routing/failover.py``). A cluster whose GCS no
+longer answers (``ray stop``/``ray down`` on the head) ends the node: every actor went with it.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 
 import ray
 from ray.util.placement_group import remove_placement_group
@@ -22,6 +24,22 @@ from mycellm.config import NodeSettings
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0
+# Looks in a row at which the cluster's GCS refused a connection before the node gives up on it.
+LOST_AFTER = 2
+
+
+class ClusterGone(RuntimeError):
+    """The Ray cluster the node joined has stopped (its GCS refuses connections)."""
+
+
+def gcs_reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether the GCS at ``host:port`` accepts a connection (Ray's own calls would wait forever)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class ClusterWatch:
@@ -30,9 +48,18 @@ class ClusterWatch:
     def __init__(self, node: Node, settings: NodeSettings) -> None:
         self._node = node
         self._settings = settings
+        self._gcs = ray.get_runtime_context().gcs_address
+        self._refused = 0
 
     def step(self) -> tuple[list[str], list[str]]:
-        """Look once: the workers started and those withdrawn."""
+        """Look once: the workers started and those withdrawn. Raises ClusterGone once the
+        cluster's GCS has refused ``LOST_AFTER`` looks in a row."""
+        if not gcs_reachable(self._gcs):
+            self._refused += 1
+            if self._refused >= LOST_AFTER:
+                raise ClusterGone(f"the Ray cluster at {self._gcs} has stopped")
+            return [], []
+        self._refused = 0
         nodes = cluster_nodes()
         alive = {machine.node_id for machine in nodes}
         gone = [name for name, plan in self._node.plans.items() if plan.node_id not in alive]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import ray
 
 from actors.builders import Node, build_node, cluster_address, init_ray
-from actors.cluster_watch import ClusterWatch
+from actors.cluster_watch import ClusterGone, ClusterWatch
 from mycellm.config import NodeSettings
 from mycellm.identity.keys import NodeIdentity, load_or_create_identity
 
@@ -26,6 +26,7 @@ def run_node(settings: NodeSettings, deploy: Deploy) -> int:
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = load_or_create_identity(data_dir, node_name=settings.node_name)
     stop = threading.Event()
+    gone = False  # the cluster the node joined has stopped
     dashboard = init_ray(settings)
     # After ray.init: Ray installs its own SIGTERM handler in the driver, which aborts the process.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -44,6 +45,10 @@ def run_node(settings: NodeSettings, deploy: Deploy) -> int:
         while not stop.wait(settings.cluster_poll_s if watch is not None else None):
             try:
                 watch.step()  # type: ignore[union-attr]
+            except ClusterGone as error:  # the actors and Serve went with it: nothing to tear down
+                print(f"mycellm: {error}; stopping", flush=True)
+                gone = True
+                return 1
             except Exception as error:  # a failed look is retried at the next; the node serves on
                 logger.warning("could not look at the cluster's machines: %s", error)
         print("mycellm: shutting down", flush=True)
@@ -52,7 +57,8 @@ def run_node(settings: NodeSettings, deploy: Deploy) -> int:
         from ray import serve
 
         try:
-            serve.shutdown()
+            if not gone:
+                serve.shutdown()
         finally:
             ray.shutdown()
     return 0

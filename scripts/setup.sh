@@ -15,6 +15,12 @@ command -v cmake >/dev/null || need_apt+=(cmake)
 if $dev && ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null && ! command -v pg_ctl >/dev/null; then
   need_apt+=(postgresql)
 fi
+# tests/test_ray_up.py plays a machine for `ray up`: an sshd of its own, reached with ssh and rsync.
+if $dev; then
+  [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+  command -v ssh >/dev/null || need_apt+=(openssh-client)
+  command -v rsync >/dev/null || need_apt+=(rsync)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
