@@ -136,13 +136,10 @@ def start_machine(directory: Path) -> SshMachine:
         tmp=directory / "tmp",
         sshd=SSHD,
     )
-    log = (directory / "sshd.log").open("wb")
-    process = subprocess.Popen(
-        [*UNSHARE, "bash", "-c", init],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with (directory / "sshd.log").open("wb") as log:  # the child keeps its own copy
+        process = subprocess.Popen(
+            [*UNSHARE, "bash", "-c", init], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     machine = SshMachine(address=address, key=key, upper=directory / "upper", process=process)
     deadline = time.monotonic() + 30
     while b"Server listening" not in (directory / "sshd.log").read_bytes():

@@ -4,8 +4,6 @@ shows its finished requests and the tokens it produced."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 
@@ -16,23 +14,13 @@ import ray
 from actors.inference_worker import InferenceWorker
 from mycellm.config import ModelSettings
 from mycellm.types import GenerationRequest
+from tests.local_ray import ray_session
 
 
 @pytest.fixture
 def local_ray() -> Iterator[None]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        "local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        num_cpus=2,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="mcray", dir="/tmp"),
-    )
-    try:
+    with ray_session():
         yield
-    finally:
-        ray.shutdown()
 
 
 def _exported(name: str) -> float | None:

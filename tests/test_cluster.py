@@ -10,6 +10,7 @@ raylet added later gets a worker, and one that leaves takes its worker's routes 
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from ray.cluster_utils import Cluster
 
+from actors.cluster_watch import gcs_reachable
 from tests.nodes import NodeProcess
 
 NODE_ARGS = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 80 << 20}
@@ -153,3 +155,14 @@ def test_one_worker_per_gpu_of_every_machine_streams_survive_a_machine_and_new_o
 
     finally:
         node.kill()
+
+
+def test_a_gcs_is_reachable_while_it_listens_and_not_once_it_is_gone() -> None:
+    """What tells a joined node that its cluster stopped (Ray's own calls would wait forever)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        assert gcs_reachable(address)
+    assert not gcs_reachable(address)
+    assert not gcs_reachable("not an address")

@@ -5,8 +5,6 @@ the reader is slow, cancellation that frees the worker, and typed errors."""
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,21 +15,13 @@ from actors.inference_worker import InferenceWorker
 from actors.targets import ActorTarget
 from mycellm.config import ModelSettings
 from mycellm.errors import InvalidRequestError
-from mycellm.types import GenerationChunk, GenerationRequest
+from mycellm.types import CompletionResult, GenerationChunk, GenerationRequest
+from tests.local_ray import ray_session
 
 
 @pytest.fixture(scope="module")
 def worker() -> Iterator[Any]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        "local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        num_cpus=2,
-        log_to_driver=False,
-        _temp_dir=tempfile.mkdtemp(prefix="mcray", dir="/tmp"),
-    )
-    try:
+    with ray_session():
         handle = (
             ray.remote(InferenceWorker)
             .options(num_cpus=1)
@@ -39,8 +29,6 @@ def worker() -> Iterator[Any]:
         )
         ray.get(handle.start.remote())
         yield handle
-    finally:
-        ray.shutdown()
 
 
 def _request(request_id: str, max_tokens: int = 40) -> GenerationRequest:
@@ -60,13 +48,20 @@ async def _read(target: ActorTarget, request_id: str, pause_s: float = 0.0) -> l
     return chunks
 
 
+async def _whole_and_followed(
+    worker: Any, request_id: str, pause_s: float = 0.0
+) -> tuple[CompletionResult, list[GenerationChunk]]:
+    """The same request answered whole, then opened and followed to its end."""
+    whole = await ActorTarget(worker, 60).complete(_request(f"whole-{request_id}"))
+    target = ActorTarget(worker, 60)
+    first = await target.open(_request(request_id), 60)
+    return whole, [first, *await _read(target, request_id, pause_s)]
+
+
 @pytest.mark.timeout(180)
 def test_a_followed_stream_is_the_whole_completion_with_its_usage(worker: Any) -> None:
     async def run() -> None:
-        whole = await ActorTarget(worker, 60).complete(_request("whole"))
-        target = ActorTarget(worker, 60)
-        first = await target.open(_request("followed"), 60)
-        chunks = [first, *await _read(target, "followed")]
+        whole, chunks = await _whole_and_followed(worker, "followed")
         assert "".join(chunk.text for chunk in chunks) == whole.text
         assert chunks[-1].usage == whole.usage and chunks[-1].finish_reason == whole.finish_reason
         assert all(not chunk.is_final for chunk in chunks[:-1])
@@ -80,10 +75,7 @@ def test_a_followed_stream_is_the_whole_completion_with_its_usage(worker: Any) -
 @pytest.mark.timeout(180)
 def test_a_slow_reader_gets_what_arrived_meanwhile_in_one_chunk(worker: Any) -> None:
     async def run() -> None:
-        whole = await ActorTarget(worker, 60).complete(_request("whole-slow"))
-        target = ActorTarget(worker, 60)
-        first = await target.open(_request("slow"), 60)
-        chunks = [first, *await _read(target, "slow", pause_s=0.4)]
+        whole, chunks = await _whole_and_followed(worker, "slow", pause_s=0.4)
         assert "".join(chunk.text for chunk in chunks) == whole.text
         assert chunks[-1].usage == whole.usage
         # 40 tokens at a pause of 0.4 s per read: far fewer reads than deliveries were made.

@@ -147,6 +147,7 @@ def test_ray_up_starts_a_node_that_serves_and_ray_down_stops_it(tmp_path: Path, 
     while machine.running() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert machine.running() == [], "Ray and the node have stopped on the machine"
-    assert "has stopped; stopping" in (machine.upper / "mycellm.log").read_text()
+    # The node has gone too: its watch saw the GCS refuse ("has stopped; stopping"), or Ray's
+    # core worker ended the driver first when its raylet died; either way nothing of it is left.
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{HTTP}/v1/models", timeout=5)
